@@ -15,8 +15,9 @@ CuPy, PyTorch and array-api-strict. The namespace is resolved once, in
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, NoReturn
 
+import array_api_compat
 import numpy as np
 
 from .backends import FLOATING_DTYPE_NAMES, floating_dtype, get_namespace
@@ -103,6 +104,9 @@ class KVCache:
             if hasattr(xp, name)
         )
         self._itemsize = xp.finfo(self.dtype).bits // 8
+        self._row_shape = (self.d_model,)
+        # NumPy arrays all live on the CPU: there is no device to mismatch.
+        self._check_devices = not array_api_compat.is_numpy_namespace(xp)
         self._positions = [0] * self.n_layers
 
     # -- the hot path -------------------------------------------------------------
@@ -136,30 +140,29 @@ class KVCache:
             layer_idx = self._check_layer(layer_idx)
         if type(k) is not self._array_type or type(v) is not self._array_type:
             self._check_array_types(k, v)
-        if k.device != self.device or v.device != self.device:
+        if self._check_devices and (k.device != self.device or v.device != self.device):
             self._raise_device(k, v)
         shape = k.shape
-        if shape != v.shape or len(shape) not in (1, 2) or shape[-1] != self.d_model:
+        if shape != v.shape:
             self._raise_shape(k, v)
-        n = shape[0] if len(shape) == 2 else 1
         pos = self._positions[layer_idx]
-        end = pos + n
+        if shape == self._row_shape:  # decode: one (d_model,) row
+            end = pos + 1
+            rows = pos  # an integer index writes the row itself
+        elif len(shape) == 2 and shape[1] == self.d_model:  # prefill: (n, d_model)
+            end = pos + shape[0]
+            rows = slice(pos, end)
+        else:
+            self._raise_shape(k, v)
         if end > self.max_seq_len:
-            raise CacheOverflowError(
-                f"layer {layer_idx} holds {pos} of {self.max_seq_len} rows; appending "
-                f"{n} would need {end} rows, past max_seq_len={self.max_seq_len}"
-            )
-        if k.dtype != self.dtype:
+            self._raise_overflow(layer_idx, pos, end)
+        if k.dtype is not self.dtype:
             k = self._cast(k, "k")
-        if v.dtype != self.dtype:
+        if v.dtype is not self.dtype:
             v = self._cast(v, "v")
         # Every check passed: only now is anything written.
-        if n == 1 and len(shape) == 1:
-            self._keys[layer_idx, pos, :] = k
-            self._values[layer_idx, pos, :] = v
-        else:
-            self._keys[layer_idx, pos:end, :] = k
-            self._values[layer_idx, pos:end, :] = v
+        self._keys[layer_idx, rows, :] = k
+        self._values[layer_idx, rows, :] = v
         self._positions[layer_idx] = end
         return self._keys[layer_idx, :end, :], self._values[layer_idx, :end, :]
 
@@ -245,13 +248,13 @@ class KVCache:
                     f"arrays ({self.xp.__name__})"
                 )
 
-    def _raise_device(self, k: Any, v: Any) -> None:
+    def _raise_device(self, k: Any, v: Any) -> NoReturn:
         name, x = ("k", k) if k.device != self.device else ("v", v)
         raise DeviceMismatchError(
             f"{name} is on device {x.device}; the cache is on device {self.device}"
         )
 
-    def _raise_shape(self, k: Any, v: Any) -> None:
+    def _raise_shape(self, k: Any, v: Any) -> NoReturn:
         expected = f"(n, {self.d_model}) or ({self.d_model},)"
         for name, x in (("k", k), ("v", v)):
             shape = tuple(x.shape)
@@ -268,7 +271,15 @@ class KVCache:
             f"k has shape {tuple(k.shape)} but v has shape {tuple(v.shape)}; they must match"
         )
 
+    def _raise_overflow(self, layer_idx: int, pos: int, end: int) -> NoReturn:
+        raise CacheOverflowError(
+            f"layer {layer_idx} holds {pos} of {self.max_seq_len} rows; appending "
+            f"{end - pos} would need {end} rows, past max_seq_len={self.max_seq_len}"
+        )
+
     def _cast(self, x: Any, name: str) -> Any:
+        if x.dtype == self.dtype:  # an equal dtype object that is not the same one
+            return x
         if x.dtype not in self._castable_dtypes:
             raise DtypeError(
                 f"{name} has dtype {x.dtype}; the cache takes real floating input "

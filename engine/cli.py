@@ -1,0 +1,210 @@
+"""``python -m engine`` (or ``kvcache-xp``): the demo generation.
+
+Generates greedily with a built-in seeded model, first through the preallocated
+``KVCache``, then through the naive ``ConcatKVCache``, and prints tokens/s for
+each, the cache bytes, the speed ratio, and whether both produced the same tokens
+(exit status 1 if not). Bad options print a message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import TextIO
+
+import numpy as np
+
+from kvcache_xp import BACKEND_NAMES, KVCacheError, load_backend
+
+from .model import PRESETS, Model
+from .reference import ConcatKVCache
+
+__all__ = ["main"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="Greedy generation with a seeded GPT-style model through the "
+        "preallocated KVCache, compared with the naive concatenating cache.",
+    )
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="numpy")
+    parser.add_argument(
+        "--cache-dtype",
+        choices=("float32", "float16", "bfloat16", "float64"),
+        default="float32",
+        help="storage dtype of the cache (compute is float32); float16 is not on array_api_strict",
+    )
+    parser.add_argument(
+        "--size",
+        choices=tuple(PRESETS),
+        default="small",
+        help="built-in model size: "
+        + "; ".join(
+            f"{name}: {c.n_layers} layers x {c.d_model} wide, {c.n_heads} heads, "
+            f"vocab {c.vocab_size}, context {c.max_seq_len}"
+            for name, c in PRESETS.items()
+        ),
+    )
+    parser.add_argument("--prompt-len", type=_positive_int, default=16, metavar="N")
+    parser.add_argument("--new-tokens", type=_positive_int, default=512, metavar="N")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="weights and prompt seed")
+    parser.add_argument(
+        "--no-compare", action="store_true", help="skip the ConcatKVCache run and the comparison"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="do not show progress")
+    return parser
+
+
+class Progress:
+    """A one-line progress display on a stream: redrawn in place on a terminal,
+    a line per quarter otherwise (logs stay readable)."""
+
+    def __init__(self, label: str, total: int, stream: TextIO, enabled: bool = True) -> None:
+        self.label, self.total, self.stream, self.enabled = label, total, stream, enabled
+        self.interactive = enabled and stream.isatty()
+        self.start = time.perf_counter()
+        self._next_redraw = 0.0
+        self._next_quarter = 1
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.interactive:
+            if now < self._next_redraw and done < self.total:
+                return
+            self._next_redraw = now + 0.1
+            filled = 30 * done // self.total
+            rate = done / max(now - self.start, 1e-9)
+            self.stream.write(
+                f"\r  {self.label:<14}[{'#' * filled}{'.' * (30 - filled)}] "
+                f"{done}/{self.total} tokens  {rate:8.1f} tokens/s"
+            )
+            if done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif done * 4 >= self._next_quarter * self.total:
+            while done * 4 >= self._next_quarter * self.total:
+                self._next_quarter += 1
+            self.stream.write(f"  {self.label}: {done}/{self.total} tokens\n")
+            self.stream.flush()
+
+
+def _timed_generation(
+    tokens: Iterator[int], label: str, total: int, show_progress: bool
+) -> tuple[list[int], float, float]:
+    """Drain a token iterator; return the tokens, time to first token, total time."""
+    progress = Progress(label, total, sys.stderr, show_progress)
+    out: list[int] = []
+    start = time.perf_counter()
+    first = 0.0
+    for token in tokens:
+        out.append(token)
+        if len(out) == 1:
+            first = time.perf_counter() - start
+        progress.update(len(out))
+    return out, first, time.perf_counter() - start
+
+
+def _megabytes(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    config = PRESETS[args.size]
+    total = args.prompt_len + args.new_tokens
+    if total - 1 > config.max_seq_len:
+        raise ValueError(
+            f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} needs "
+            f"{total - 1} positions; the {args.size} model covers {config.max_seq_len}"
+        )
+    backend = load_backend(args.backend)
+    model = Model(config, seed=args.seed, xp=backend.xp, device=backend.device)
+    prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size, args.prompt_len)
+    prompt = [int(t) for t in prompt]
+    cache = model.make_cache(total, args.cache_dtype)
+    print(
+        f"model {config.name}: {config.n_layers} layers x {config.d_model} wide, "
+        f"{config.n_heads} heads, vocab {config.vocab_size} "
+        f"({_megabytes(model.weight_nbytes)} of float32 weights), seed {args.seed}\n"
+        f"backend {backend.name} ({backend.xp.__name__}, device {model.device}), "
+        f"cache dtype {args.cache_dtype}\n"
+        f"prompt: {args.prompt_len} random tokens; generating {args.new_tokens} new tokens"
+    )
+    show = not args.no_progress
+    tokens, first, elapsed = _timed_generation(
+        model.generate_stream(prompt, args.new_tokens, cache=cache),
+        "KVCache",
+        args.new_tokens,
+        show,
+    )
+    rate = len(tokens) / elapsed
+    print(
+        f"KVCache       {rate:10.1f} tokens/s  ({elapsed:.3f} s, first token after "
+        f"{first * 1e3:.1f} ms)  cache {_megabytes(cache.nbytes)} preallocated "
+        f"for {total} rows"
+    )
+    if args.no_compare:
+        print(f"first tokens: {tokens[:16]}")
+        return 0
+    naive = ConcatKVCache(
+        config.n_layers, config.d_model, args.cache_dtype, xp=backend.xp, device=backend.device
+    )
+    naive_tokens, naive_first, naive_elapsed = _timed_generation(
+        model.generate_stream(prompt, args.new_tokens, cache=naive),
+        "ConcatKVCache",
+        args.new_tokens,
+        show,
+    )
+    naive_rate = len(naive_tokens) / naive_elapsed
+    print(
+        f"ConcatKVCache {naive_rate:10.1f} tokens/s  ({naive_elapsed:.3f} s, first token after "
+        f"{naive_first * 1e3:.1f} ms)  cache {_megabytes(naive.nbytes)} at the end, "
+        f"reallocated on every append"
+    )
+    print(f"speed ratio: KVCache is {naive_elapsed / elapsed:.2f}x the speed of ConcatKVCache")
+    same = sum(a == b for a, b in zip(tokens, naive_tokens, strict=True))
+    if same == len(tokens):
+        print(f"same tokens: yes, {same}/{len(tokens)} identical")
+        print(f"first tokens: {tokens[:16]}")
+        return 0
+    print(f"same tokens: NO, only {same}/{len(tokens)} identical", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (KVCacheError, ValueError, TypeError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
