@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kvcache_xp import KVCache, get_namespace
+from kvcache_xp import Int8KVCache, KVCache, get_namespace
 
 __all__ = ["PRESETS", "Cache", "Model", "ModelConfig"]
 
@@ -76,8 +76,8 @@ class ModelConfig:
 
 #: Built-in model sizes for the CLI and benchmarks; "small" is the default.
 PRESETS = {
-    "tiny": ModelConfig(256, 64, 2, 4, 512, name="tiny"),
-    "small": ModelConfig(1024, 256, 4, 8, 2048, name="small"),
+    "tiny": ModelConfig(256, 64, 2, 2, 512, name="tiny"),
+    "small": ModelConfig(1024, 256, 4, 4, 2048, name="small"),
     "medium": ModelConfig(4096, 512, 8, 8, 4096, name="medium"),
     "gpt2": ModelConfig(50257, 768, 12, 12, 1024, name="gpt2"),
 }
@@ -180,6 +180,18 @@ class Model:
         # the tanh approximation of GELU, as GPT-2 uses (erf is not in the standard)
         return 0.5 * x * (1.0 + self.xp.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
 
+    def _causal_softmax(self, scores: Any, start: int) -> Any:
+        """scores (H, T, S) of queries at positions [start, start+T) -> probabilities."""
+        xp = self.xp
+        t, s = scores.shape[-2], scores.shape[-1]
+        if t > 1:  # prefill: query i sees keys 0..start+i; one decode row sees them all
+            query_pos = xp.reshape(xp.arange(start, start + t, device=self.device), (t, 1))
+            key_pos = xp.reshape(xp.arange(s, device=self.device), (1, s))
+            scores = xp.where(key_pos <= query_pos, scores, self._neg_inf)
+        scores = scores - xp.max(scores, axis=-1, keepdims=True)
+        probs = xp.exp(scores)
+        return probs / xp.sum(probs, axis=-1, keepdims=True)
+
     def _attention(self, q: Any, keys: Any, values: Any, start: int) -> Any:
         """Causal multi-head attention of T queries at positions [start, start+T).
 
@@ -193,36 +205,59 @@ class Model:
         qh = xp.permute_dims(xp.reshape(q, (t, n_heads, head_dim)), (1, 0, 2))  # (H, T, hd)
         kh = xp.permute_dims(xp.reshape(keys, (s, n_heads, head_dim)), (1, 2, 0))  # (H, hd, S)
         vh = xp.permute_dims(xp.reshape(values, (s, n_heads, head_dim)), (1, 0, 2))  # (H, S, hd)
-        scores = xp.matmul(qh, kh) * self._scale  # (H, T, S)
-        if t > 1:  # prefill: query i sees keys 0..start+i; one decode row sees them all
-            query_pos = xp.reshape(xp.arange(start, start + t, device=self.device), (t, 1))
-            key_pos = xp.reshape(xp.arange(s, device=self.device), (1, s))
-            scores = xp.where(key_pos <= query_pos, scores, self._neg_inf)
-        scores = scores - xp.max(scores, axis=-1, keepdims=True)
-        probs = xp.exp(scores)
-        probs = probs / xp.sum(probs, axis=-1, keepdims=True)
+        probs = self._causal_softmax(xp.matmul(qh, kh) * self._scale, start)  # (H, T, S)
         out = xp.matmul(probs, vh)  # (H, T, hd)
         return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (t, n_heads * head_dim))  # (T, d)
+
+    def _attention_int8(
+        self, q: Any, q_keys: Any, key_scales: Any, q_values: Any, value_scales: Any, start: int
+    ) -> Any:
+        """Attention straight from int8 rows, the scales folded in (no dequantized copy).
+
+        q: (T, d) float32; q_keys, q_values: (S, d) int8; key_scales, value_scales:
+        (S, G) float32, one per group of g = d / G elements, G a multiple of H. Per
+        group, q . k = scale_k * (q . q_k), and sum_s p_s v_s = sum_s (p_s scale_v) q_v.
+        """
+        xp, n_heads = self.xp, self.config.n_heads
+        t, s = q.shape[0], q_keys.shape[0]
+        n_groups = key_scales.shape[1]
+        g, per_head = self.config.d_model // n_groups, n_groups // n_heads
+        qg = xp.permute_dims(xp.reshape(q, (t, n_groups, g)), (1, 0, 2))  # (G, T, g)
+        kg = xp.reshape(xp.astype(q_keys, self.float32), (s, n_groups, g))
+        kg = xp.permute_dims(kg, (1, 2, 0))  # (G, g, S)
+        k_scale = xp.reshape(xp.permute_dims(key_scales, (1, 0)), (n_groups, 1, s))
+        partial = xp.matmul(qg, kg) * k_scale  # (G, T, S): each group's share of q . k
+        scores = xp.sum(xp.reshape(partial, (n_heads, per_head, t, s)), axis=1)  # (H, T, S)
+        probs = self._causal_softmax(scores * self._scale, start)  # (H, T, S)
+        v_scale = xp.reshape(xp.permute_dims(value_scales, (1, 0)), (n_heads, per_head, 1, s))
+        pg = xp.reshape(xp.reshape(probs, (n_heads, 1, t, s)) * v_scale, (n_groups, t, s))
+        vg = xp.reshape(xp.astype(q_values, self.float32), (s, n_groups, g))
+        out = xp.matmul(pg, xp.permute_dims(vg, (1, 0, 2)))  # (G, T, g)
+        return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (t, self.config.d_model))  # (T, d)
 
     def _blocks(self, x: Any, start: int, cache: Cache | None, decode: bool) -> Any:
         """Run every block on x: (T, d) at positions [start, start+T); return (T, d).
 
         With a cache, each layer's k, v go through ``cache.append`` (``(T, d)`` rows,
-        or ``(d,)`` when ``decode``) and attention reads the views it returns; with
-        none, attention reads this call's own k, v (the full recompute).
+        or ``(d,)`` when ``decode``) and attention reads the views it returns; an
+        int8 cache whose groups fit in a head goes through ``append_quantized`` and
+        the scale-folding attention instead. With no cache, attention reads this
+        call's own k, v (the full recompute).
         """
         xp, d = self.xp, self.config.d_model
+        folded = hasattr(cache, "append_quantized") and self.config.head_dim % cache.group_size == 0
         for layer_idx, w in enumerate(self._layers):
             h = self._layer_norm(x, w["ln_1.g"], w["ln_1.b"])
             qkv = xp.matmul(h, w["attn.w_qkv"]) + w["attn.b_qkv"]  # (T, 3d)
             q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]  # (T, d) each
+            if decode:
+                k, v = k[0, :], v[0, :]  # the contract's (d,) decode row
             if cache is None:
-                keys, values = k, v
-            elif decode:
-                keys, values = cache.append(layer_idx, k[0, :], v[0, :])
+                attn = self._attention(q, k, v, start)
+            elif folded:
+                attn = self._attention_int8(q, *cache.append_quantized(layer_idx, k, v), start)
             else:
-                keys, values = cache.append(layer_idx, k, v)
-            attn = self._attention(q, keys, values, start)
+                attn = self._attention(q, *cache.append(layer_idx, k, v), start)
             x = x + xp.matmul(attn, w["attn.w_out"]) + w["attn.b_out"]
             h = self._layer_norm(x, w["ln_2.g"], w["ln_2.b"])
             h = self._gelu(xp.matmul(h, w["mlp.w_in"]) + w["mlp.b_in"])  # (T, 4d)
@@ -289,9 +324,18 @@ class Model:
         wpe = self.weights["wpe"][start : start + len(tokens), :]
         return xp.take(self.weights["wte"], ids, axis=0) + wpe  # (T, d)
 
-    def make_cache(self, max_seq_len: int, dtype: Any = "float32") -> KVCache:
-        """A ``KVCache`` shaped for this model, on its backend and device."""
+    def make_cache(self, max_seq_len: int, dtype: Any = "float32") -> KVCache | Int8KVCache:
+        """A cache shaped for this model, on its backend and device.
+
+        ``dtype`` is a floating dtype (a ``KVCache`` storing it) or ``"int8"`` (an
+        ``Int8KVCache`` with one scale per token per head).
+        """
         c = self.config
+        if isinstance(dtype, str) and dtype == "int8":
+            return Int8KVCache(
+                c.n_layers, c.d_model, max_seq_len, xp=self.xp, device=self.device,
+                group_size=c.head_dim,
+            )  # fmt: skip
         return KVCache(c.n_layers, c.d_model, max_seq_len, dtype, xp=self.xp, device=self.device)
 
     def generate_stream(
@@ -306,8 +350,9 @@ class Model:
 
         Bad arguments raise here, before the iterator is returned.
         Without ``cache``, builds ``KVCache(n_layers, d_model, len(prompt) +
-        max_new_tokens, cache_dtype)``. A cache passed in is used as it is: the
-        prompt continues whatever it already holds.
+        max_new_tokens, cache_dtype)`` (``cache_dtype="int8"``: an ``Int8KVCache``,
+        see ``make_cache``). A cache passed in is used as it is: the prompt
+        continues whatever it already holds.
         """
         prompt = self._check_tokens(prompt, "prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):

@@ -27,6 +27,7 @@ from .errors import (
     ShapeError,
     UnsupportedBackendError,
 )
+from .int8 import Int8KVCache
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "CacheOverflowError",
     "DeviceMismatchError",
     "DtypeError",
+    "Int8KVCache",
     "KVCache",
     "KVCacheError",
     "KVMismatchError",

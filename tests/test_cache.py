@@ -12,7 +12,15 @@ import types
 import array_api_compat
 import numpy as np
 import pytest
-from helpers import host, rows, skip_without_float16
+from helpers import (
+    BAD_APPENDS,
+    assert_same_state,
+    bad_appends,
+    host,
+    rows,
+    skip_without_float16,
+    snapshot,
+)
 
 from kvcache_xp import (
     BackendMismatchError,
@@ -21,11 +29,8 @@ from kvcache_xp import (
     DtypeError,
     KVCache,
     KVCacheError,
-    KVMismatchError,
     LayerIndexError,
     LengthError,
-    NamespaceMismatchError,
-    ShapeError,
     UnsupportedBackendError,
 )
 
@@ -34,20 +39,6 @@ N_LAYERS, WIDTH, MAX_LEN = 3, 8, 16
 
 def make_cache(xp, device, dtype="float32", n_layers=N_LAYERS, max_seq_len=MAX_LEN):
     return KVCache(n_layers, WIDTH, max_seq_len, dtype, xp=xp, device=device)
-
-
-def snapshot(cache: KVCache) -> tuple[tuple[int, ...], list[np.ndarray]]:
-    """The cache's observable state: lengths and the filled rows of every layer."""
-    return cache.lengths, [
-        host(part) for layer in range(cache.n_layers) for part in cache.view(layer)
-    ]
-
-
-def assert_same_state(cache, before) -> None:
-    lengths, arrays = snapshot(cache)
-    assert lengths == before[0]
-    for now, then in zip(arrays, before[1], strict=True):
-        np.testing.assert_array_equal(now, then)
 
 
 # -- the contract -------------------------------------------------------------------
@@ -198,57 +189,9 @@ def test_reset_and_rollback(xp, device):
 # -- bad input: a specific error, a message naming expected and received, no change --
 
 
-def _bad_appends(xp, device):
-    rng = np.random.default_rng(8)
-    good = rows(xp, device, rng, 2, WIDTH)
-    row = rows(xp, device, rng, WIDTH)
-    wide = rows(xp, device, rng, 2, WIDTH + 1)
-    cube = rows(xp, device, rng, 1, 2, WIDTH)
-    scalar = xp.asarray(1.0, device=device)
-    ints = xp.asarray(np.ones((2, WIDTH), dtype=np.int32), device=device)
-    host_rows = np.ones((2, WIDTH), np.float32)
-    return {
-        "layer -1": ((-1, good, good), LayerIndexError, "layer_idx -1 is out of range"),
-        "layer n_layers": ((N_LAYERS, good, good), LayerIndexError, "has 3 layers"),
-        "layer str": (("0", good, good), LayerIndexError, "must be an int"),
-        "layer float": ((1.0, good, good), LayerIndexError, "must be an int"),
-        "k rank 3": ((0, cube, cube), ShapeError, "rank 3"),
-        "k rank 0": ((0, scalar, scalar), ShapeError, "rank 0"),
-        "k too wide": ((0, wide, good), ShapeError, f"k has width {WIDTH + 1}"),
-        "v too wide": ((0, good, wide), ShapeError, f"v has width {WIDTH + 1}"),
-        "k, v rows differ": ((0, good, good[:1, :]), KVMismatchError, "k has shape (2, 8) but v"),
-        "k row, v batch": ((0, row, good[:1, :]), KVMismatchError, "they must match"),
-        "integer rows": ((0, ints, ints), DtypeError, "real floating"),
-        "host list": ((0, [[0.0] * WIDTH], [[0.0] * WIDTH]), NamespaceMismatchError, "list"),
-        "overflow prefill": (
-            (
-                0,
-                rows(xp, device, rng, MAX_LEN - 2, WIDTH),
-                rows(xp, device, rng, MAX_LEN - 2, WIDTH),
-            ),
-            CacheOverflowError,
-            f"appending {MAX_LEN - 2} would need {MAX_LEN + 1} rows",
-        ),
-        **(
-            {}
-            if array_api_compat.is_numpy_namespace(xp)
-            else {
-                "numpy array": ((0, host_rows, host_rows), NamespaceMismatchError, "numpy.ndarray")
-            }
-        ),
-    }
-
-
-BAD_APPENDS = [
-    "layer -1", "layer n_layers", "layer str", "layer float", "k rank 3", "k rank 0",
-    "k too wide", "v too wide", "k, v rows differ", "k row, v batch", "integer rows",
-    "host list", "overflow prefill", "numpy array",
-]  # fmt: skip
-
-
 @pytest.mark.parametrize("case", BAD_APPENDS)
 def test_bad_append_raises_specific_error_and_changes_nothing(xp, device, case):
-    cases = _bad_appends(xp, device)
+    cases = bad_appends(xp, device, WIDTH, N_LAYERS, MAX_LEN)
     if case not in cases:
         pytest.skip(f"{case}: not a mismatch on {xp.__name__}")
     args, error, message = cases[case]

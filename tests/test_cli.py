@@ -19,6 +19,15 @@ def test_demo_runs_and_both_caches_agree(backend, capsys):
     assert "tokens/s" in out and "speed ratio" in out and "MiB preallocated" in out
 
 
+def test_demo_with_the_int8_cache_reports_agreement_without_failing(backend, capsys):
+    status = main(
+        ["--backend", backend.name, "--size", "tiny", "--new-tokens", "16", "--cache", "int8"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "Int8KVCache" in out and "same tokens as the float32 ConcatKVCache:" in out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -26,6 +35,7 @@ def test_demo_runs_and_both_caches_agree(backend, capsys):
         (["--prompt-len", "ten"], "expected a positive integer, got 'ten'"),
         (["--seed", "-3"], "expected an integer >= 0"),
         (["--size", "huge"], "invalid choice: 'huge'"),
+        (["--cache", "int4"], "invalid choice: 'int4'"),
         (["--size", "tiny", "--prompt-len", "500", "--new-tokens", "100"], "covers 512"),
         (["--backend", "array_api_strict", "--cache-dtype", "float16"], "no float16"),
     ],
