@@ -235,38 +235,73 @@ class Model:
         out = xp.matmul(pg, xp.permute_dims(vg, (1, 0, 2)))  # (G, T, g)
         return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (t, self.config.d_model))  # (T, d)
 
-    def _blocks(self, x: Any, start: int, cache: Cache | None, decode: bool) -> Any:
-        """Run every block on x: (T, d) at positions [start, start+T); return (T, d).
+    def _read_cache(self, cache: Cache, layer_idx: int, q: Any, k: Any, v: Any, start: int) -> Any:
+        """Append k, v to one sequence's cache and attend q over what it holds.
 
-        With a cache, each layer's k, v go through ``cache.append`` (``(T, d)`` rows,
-        or ``(d,)`` when ``decode``) and attention reads the views it returns; an
-        int8 cache whose groups fit in a head goes through ``append_quantized`` and
-        the scale-folding attention instead. With no cache, attention reads this
-        call's own k, v (the full recompute).
+        An int8 cache whose scale groups fit in a head is read through
+        ``append_quantized`` by the scale-folding attention; any other cache
+        through ``append`` and the views (or copies) it returns.
+        """
+        if hasattr(cache, "append_quantized") and self.config.head_dim % cache.group_size == 0:
+            return self._attention_int8(q, *cache.append_quantized(layer_idx, k, v), start)
+        return self._attention(q, *cache.append(layer_idx, k, v), start)
+
+    def _blocks(
+        self, x: Any, starts: list[int], caches: Sequence[Cache] | None, decode: bool
+    ) -> Any:
+        """Run every block on x: (T, d); return (T, d).
+
+        - ``caches is None``: the full recompute; x is one sequence at positions
+          [0, T) and attention reads this call's own k, v.
+        - ``decode``: row i of x is the next token of the sequence in ``caches[i]``,
+          at position ``starts[i]``; each cache gets one ``(d,)`` append per layer.
+          Projections and MLP run batched over the rows, attention per sequence.
+        - else (prefill): x is one sequence at positions [starts[0], starts[0] + T),
+          appended to ``caches[0]`` as one ``(T, d)`` call per layer.
         """
         xp, d = self.xp, self.config.d_model
-        folded = hasattr(cache, "append_quantized") and self.config.head_dim % cache.group_size == 0
+        matmul = self._matmul_rows if decode else xp.matmul
         for layer_idx, w in enumerate(self._layers):
             h = self._layer_norm(x, w["ln_1.g"], w["ln_1.b"])
-            qkv = xp.matmul(h, w["attn.w_qkv"]) + w["attn.b_qkv"]  # (T, 3d)
+            qkv = matmul(h, w["attn.w_qkv"]) + w["attn.b_qkv"]  # (T, 3d)
             q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]  # (T, d) each
-            if decode:
-                k, v = k[0, :], v[0, :]  # the contract's (d,) decode row
-            if cache is None:
-                attn = self._attention(q, k, v, start)
-            elif folded:
-                attn = self._attention_int8(q, *cache.append_quantized(layer_idx, k, v), start)
+            if caches is None:
+                attn = self._attention(q, k, v, starts[0])
+            elif not decode:
+                attn = self._read_cache(caches[0], layer_idx, q, k, v, starts[0])
+            elif len(caches) == 1:  # one decode row: the contract's (d,) append
+                attn = self._read_cache(caches[0], layer_idx, q, k[0, :], v[0, :], starts[0])
             else:
-                attn = self._attention(q, *cache.append(layer_idx, k, v), start)
-            x = x + xp.matmul(attn, w["attn.w_out"]) + w["attn.b_out"]
+                attn = xp.concat(
+                    [
+                        self._read_cache(cache, layer_idx, q[i : i + 1, :], k[i, :], v[i, :], start)
+                        for i, (cache, start) in enumerate(zip(caches, starts, strict=True))
+                    ],
+                    axis=0,
+                )  # (B, d)
+            x = x + matmul(attn, w["attn.w_out"]) + w["attn.b_out"]
             h = self._layer_norm(x, w["ln_2.g"], w["ln_2.b"])
-            h = self._gelu(xp.matmul(h, w["mlp.w_in"]) + w["mlp.b_in"])  # (T, 4d)
-            x = x + xp.matmul(h, w["mlp.w_out"]) + w["mlp.b_out"]
+            h = self._gelu(matmul(h, w["mlp.w_in"]) + w["mlp.b_in"])  # (T, 4d)
+            x = x + matmul(h, w["mlp.w_out"]) + w["mlp.b_out"]
         return x
 
-    def _logits(self, x: Any) -> Any:
+    def _matmul_rows(self, x: Any, w: Any) -> Any:
+        """x (B, d_in) @ w (d_in, d_out) as B stacked (1, d_in) products: (B, d_out).
+
+        Decoding uses this, alone or batched, so that a sequence's row is computed
+        by the same (1, d_in) product whatever else is in the batch: BLAS computes a
+        (B, d_in) product by other kernels for different B, which changes the last
+        bits and can flip a greedy token at a near tie. NumPy (and array-api-strict)
+        evaluate a stacked matmul one 2-D product at a time, so there batched
+        decoding reproduces solo decoding exactly. PyTorch folds the stack into one
+        (B, d_in) product: there the two agree to float32 rounding.
+        """
+        b, d_in = x.shape
+        return self.xp.reshape(self.xp.matmul(self.xp.reshape(x, (b, 1, d_in)), w), (b, w.shape[1]))
+
+    def _logits(self, x: Any, decode: bool = False) -> Any:
         x = self._layer_norm(x, self.weights["ln_f.g"], self.weights["ln_f.b"])
-        return self.xp.matmul(x, self.weights["lm_head"])
+        return (self._matmul_rows if decode else self.xp.matmul)(x, self.weights["lm_head"])
 
     # -- validation (once per call, never per layer) -------------------------------
 
@@ -297,7 +332,7 @@ class Model:
         """Full causal recompute with no cache: tokens (T,) -> logits (T, vocab) float32."""
         tokens = self._check_tokens(tokens, "tokens")
         self._check_room(0, len(tokens))
-        return self._logits(self._blocks(self._embed(tokens, 0), 0, None, decode=False))
+        return self._logits(self._blocks(self._embed(tokens, 0), [0], None, decode=False))
 
     def prefill(self, prompt: Sequence[int], cache: Cache) -> Any:
         """Append the prompt's k, v (one ``(T, d)`` call per layer); return the last
@@ -306,7 +341,7 @@ class Model:
         prompt = self._check_tokens(prompt, "prompt")
         start = cache.get_seq_length(0)
         self._check_room(start, len(prompt))
-        x = self._blocks(self._embed(prompt, start), start, cache, decode=False)
+        x = self._blocks(self._embed(prompt, start), [start], [cache], decode=False)
         return self._logits(x[-1, :])
 
     def decode_step(self, token: int, cache: Cache) -> Any:
@@ -316,7 +351,28 @@ class Model:
         start = cache.get_seq_length(0)
         self._check_room(start, 1)
         x = self.weights["wte"][token : token + 1, :] + self.weights["wpe"][start : start + 1, :]
-        return self._logits(self._blocks(x, start, cache, decode=True)[0, :])
+        return self._logits(self._blocks(x, [start], [cache], decode=True), decode=True)[0, :]
+
+    def decode_batch(self, tokens: Sequence[int], caches: Sequence[Cache]) -> Any:
+        """One decode step of B sequences together: token i is the next token of the
+        sequence whose cache is ``caches[i]``; returns logits (B, vocab) float32.
+
+        The projections and the MLP run as (B, d) matmuls; attention runs per
+        sequence over its own cache (one ``(d,)`` append per layer each).
+        """
+        tokens = self._check_tokens(tokens, "tokens")
+        if len(tokens) != len(caches):
+            raise ValueError(f"{len(tokens)} tokens but {len(caches)} caches: one each")
+        starts = [cache.get_seq_length(0) for cache in caches]
+        for start in starts:
+            self._check_room(start, 1)
+        xp = self.xp
+        ids = xp.asarray(tokens, dtype=xp.int64, device=self.device)
+        positions = xp.asarray(starts, dtype=xp.int64, device=self.device)
+        x = xp.take(self.weights["wte"], ids, axis=0) + xp.take(
+            self.weights["wpe"], positions, axis=0
+        )
+        return self._logits(self._blocks(x, starts, caches, decode=True), decode=True)  # (B, vocab)
 
     def _embed(self, tokens: list[int], start: int) -> Any:
         xp = self.xp

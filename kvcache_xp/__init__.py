@@ -24,10 +24,13 @@ from .errors import (
     LayerIndexError,
     LengthError,
     NamespaceMismatchError,
+    OutOfBlocksError,
+    SequenceError,
     ShapeError,
     UnsupportedBackendError,
 )
 from .int8 import Int8KVCache
+from .paged import BlockAllocator, PagedKVCache, PagedSequence
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,7 @@ __all__ = [
     "Backend",
     "BackendMismatchError",
     "BackendUnavailableError",
+    "BlockAllocator",
     "CacheOverflowError",
     "DeviceMismatchError",
     "DtypeError",
@@ -46,6 +50,10 @@ __all__ = [
     "LayerIndexError",
     "LengthError",
     "NamespaceMismatchError",
+    "OutOfBlocksError",
+    "PagedKVCache",
+    "PagedSequence",
+    "SequenceError",
     "ShapeError",
     "UnsupportedBackendError",
     "get_namespace",

@@ -71,6 +71,15 @@ class LayeredCache:
         self._single_device = array_api_compat.is_numpy_namespace(xp)
         self._positions = [0] * self.n_layers
 
+    def _init_layers_like(self, other: LayeredCache) -> None:
+        """``_init_layers`` with the backend facts another cache already computed."""
+        for name in (
+            "xp", "device", "_array_type", "_input_dtype", "_castable_dtypes", "_row_shape",
+            "_single_device",
+        ):  # fmt: skip
+            setattr(self, name, getattr(other, name))
+        self._positions = [0] * self.n_layers
+
     def _prepare(self, layer_idx: Any, k: Any, v: Any) -> tuple[int, Any, int, Any, Any]:
         """Validate one append; return ``(layer_idx, rows, end, k, v)``.
 

@@ -20,6 +20,8 @@ class                      raised when
 ``LengthError``            ``rollback`` to a length the cache does not hold
 ``UnsupportedBackendError`` a namespace that cannot hold an in-place cache
 ``BackendUnavailableError`` a backend that is not installed or has no device
+``OutOfBlocksError``       a paged cache's pool has too few free blocks
+``SequenceError``          a freed or unknown paged sequence, a double free
 =========================  ===============================================
 """
 
@@ -36,6 +38,8 @@ __all__ = [
     "LayerIndexError",
     "LengthError",
     "NamespaceMismatchError",
+    "OutOfBlocksError",
+    "SequenceError",
     "ShapeError",
     "UnsupportedBackendError",
 ]
@@ -87,3 +91,14 @@ class UnsupportedBackendError(KVCacheError, TypeError):
 
 class BackendUnavailableError(KVCacheError, RuntimeError):
     """A backend that is not installed here, or whose device (a GPU) is missing."""
+
+
+class OutOfBlocksError(KVCacheError, MemoryError):
+    """A paged cache's block pool cannot supply the blocks an append or reservation needs.
+
+    Raised before anything is written or allocated: the sequence is untouched.
+    """
+
+
+class SequenceError(KVCacheError, LookupError):
+    """A paged sequence that was freed, that belongs to another cache, or a block freed twice."""
