@@ -247,7 +247,12 @@ class Model:
         return self._attention(q, *cache.append(layer_idx, k, v), start)
 
     def _blocks(
-        self, x: Any, starts: list[int], caches: Sequence[Cache] | None, decode: bool
+        self,
+        x: Any,
+        starts: list[int],
+        caches: Sequence[Cache] | None,
+        decode: bool,
+        batch_invariant: bool = True,
     ) -> Any:
         """Run every block on x: (T, d); return (T, d).
 
@@ -255,12 +260,13 @@ class Model:
           [0, T) and attention reads this call's own k, v.
         - ``decode``: row i of x is the next token of the sequence in ``caches[i]``,
           at position ``starts[i]``; each cache gets one ``(d,)`` append per layer.
-          Projections and MLP run batched over the rows, attention per sequence.
+          Projections and MLP run batched over the rows (``batch_invariant``: as
+          stacked one-row products, see ``_matmul_rows``), attention per sequence.
         - else (prefill): x is one sequence at positions [starts[0], starts[0] + T),
           appended to ``caches[0]`` as one ``(T, d)`` call per layer.
         """
         xp, d = self.xp, self.config.d_model
-        matmul = self._matmul_rows if decode else xp.matmul
+        matmul = self._matmul_rows if decode and batch_invariant else xp.matmul
         for layer_idx, w in enumerate(self._layers):
             h = self._layer_norm(x, w["ln_1.g"], w["ln_1.b"])
             qkv = matmul(h, w["attn.w_qkv"]) + w["attn.b_qkv"]  # (T, 3d)
@@ -299,9 +305,9 @@ class Model:
         b, d_in = x.shape
         return self.xp.reshape(self.xp.matmul(self.xp.reshape(x, (b, 1, d_in)), w), (b, w.shape[1]))
 
-    def _logits(self, x: Any, decode: bool = False) -> Any:
+    def _logits(self, x: Any, rowwise: bool = False) -> Any:
         x = self._layer_norm(x, self.weights["ln_f.g"], self.weights["ln_f.b"])
-        return (self._matmul_rows if decode else self.xp.matmul)(x, self.weights["lm_head"])
+        return (self._matmul_rows if rowwise else self.xp.matmul)(x, self.weights["lm_head"])
 
     # -- validation (once per call, never per layer) -------------------------------
 
@@ -351,14 +357,22 @@ class Model:
         start = cache.get_seq_length(0)
         self._check_room(start, 1)
         x = self.weights["wte"][token : token + 1, :] + self.weights["wpe"][start : start + 1, :]
-        return self._logits(self._blocks(x, [start], [cache], decode=True), decode=True)[0, :]
+        return self._logits(self._blocks(x, [start], [cache], decode=True), rowwise=True)[0, :]
 
-    def decode_batch(self, tokens: Sequence[int], caches: Sequence[Cache]) -> Any:
+    def decode_batch(
+        self, tokens: Sequence[int], caches: Sequence[Cache], *, batch_invariant: bool = True
+    ) -> Any:
         """One decode step of B sequences together: token i is the next token of the
         sequence whose cache is ``caches[i]``; returns logits (B, vocab) float32.
 
-        The projections and the MLP run as (B, d) matmuls; attention runs per
-        sequence over its own cache (one ``(d,)`` append per layer each).
+        Attention runs per sequence over its own cache (one ``(d,)`` append per
+        layer each); the projections, the MLP and the LM head run on all B rows.
+        ``batch_invariant=True`` computes them as B stacked one-row products, the
+        very products ``decode_step`` computes, so each row is what decoding that
+        sequence alone gives (bit for bit on NumPy and array-api-strict; see
+        ``_matmul_rows``). ``False`` uses (B, d) matmuls: the weights are read once
+        for the whole batch, much faster, and rows agree with solo decoding to
+        float32 rounding, which can flip a greedy token at a near tie.
         """
         tokens = self._check_tokens(tokens, "tokens")
         if len(tokens) != len(caches):
@@ -372,7 +386,8 @@ class Model:
         x = xp.take(self.weights["wte"], ids, axis=0) + xp.take(
             self.weights["wpe"], positions, axis=0
         )
-        return self._logits(self._blocks(x, starts, caches, decode=True), decode=True)  # (B, vocab)
+        x = self._blocks(x, starts, caches, decode=True, batch_invariant=batch_invariant)
+        return self._logits(x, rowwise=batch_invariant)  # (B, vocab)
 
     def _embed(self, tokens: list[int], start: int) -> Any:
         xp = self.xp

@@ -16,8 +16,10 @@ Requests wait in a queue. Each step the scheduler
 4. retires the requests that reached their ``max_new_tokens`` or their EOS token,
    returning their blocks to the pool at once.
 
-Decoding is greedy. Every request's tokens are those ``Model.generate`` gives it
-alone (the tests check this, preemption included).
+Decoding is greedy. With ``batch_invariant=True`` (the default) every request's
+tokens are those ``Model.generate`` gives it alone, bit for bit on NumPy and
+array-api-strict (the tests check this, preemption included); ``False`` batches the
+weight matmuls for speed and agrees with solo decoding to float32 rounding.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ class Scheduler:
         block_size: int = 16,
         max_batch_size: int | None = None,
         cache_dtype: Any = "float32",
+        batch_invariant: bool = True,
     ) -> None:
         config = model.config
+        self.batch_invariant = batch_invariant
         self.model = model
         self.cache = PagedKVCache(
             config.n_layers, config.d_model, num_blocks, block_size, cache_dtype,
@@ -156,15 +160,19 @@ class Scheduler:
             self.waiting.popleft()
             request.sequence = cache.add_sequence()
             request.admitted = next(self._admissions)
-            logits = self.model.prefill(request.prompt, request.sequence)
+            fed = request.generated[:-1]  # generated tokens whose rows were lost
+            if self.batch_invariant:
+                # recompute those rows as they were first computed, one decode step
+                # each: a prefill over them would round differently
+                logits = self.model.prefill(request.prompt, request.sequence)
+                for token in fed:
+                    self.model.decode_step(token, request.sequence)
+            else:
+                logits = self.model.prefill(request.prompt + fed, request.sequence)
             self.stats.prefills += 1
+            self.stats.recomputed_tokens += len(fed)
             if not request.generated:  # a fresh request: the prefill gives its first token
                 request.generated.append(int(self._argmax(logits)))
-            # Recompute the generated tokens' rows as they were first computed, one
-            # decode step each: a prefill over them would round differently.
-            for token in request.generated[:-1]:
-                self.model.decode_step(token, request.sequence)
-            self.stats.recomputed_tokens += len(request.generated) - 1
             if request.finished:
                 self._retire(request)
             else:
@@ -196,7 +204,9 @@ class Scheduler:
     def _decode(self) -> None:
         running = self.running
         logits = self.model.decode_batch(
-            [r.generated[-1] for r in running], [r.sequence for r in running]
+            [r.generated[-1] for r in running],
+            [r.sequence for r in running],
+            batch_invariant=self.batch_invariant,
         )  # (B, vocab)
         tokens = self.model.xp.argmax(logits, axis=-1)
         self.stats.decode_steps += 1
@@ -237,11 +247,14 @@ def generate_batch(
     block_size: int = 16,
     eos_token_id: int | None = None,
     max_batch_size: int | None = None,
+    batch_invariant: bool = True,
 ) -> list[list[int]]:
     """Greedy generation for many prompts by continuous batching over a paged cache.
 
     ``max_new_tokens`` is one int for all, or one per prompt. Returns each request's
-    new tokens, in request order: the same tokens ``model.generate`` gives each alone.
+    new tokens, in request order: the same tokens ``model.generate`` gives each alone
+    (``batch_invariant=False`` trades that guarantee for speed: see
+    ``Model.decode_batch``).
     """
     if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
         counts = [max_new_tokens] * len(prompts)
@@ -250,7 +263,11 @@ def generate_batch(
         if len(counts) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(counts)} max_new_tokens")
     scheduler = Scheduler(
-        model, num_blocks=num_blocks, block_size=block_size, max_batch_size=max_batch_size
+        model,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_batch_size=max_batch_size,
+        batch_invariant=batch_invariant,
     )
     for prompt, count in zip(prompts, counts, strict=True):
         scheduler.add(prompt, count, eos_token_id)

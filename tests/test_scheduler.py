@@ -45,6 +45,22 @@ def test_decode_batch_rows_equal_solo_decode_steps(xp, device):
     assert [c.get_seq_length(0) for c in batch] == [4, 2, 7]
 
 
+def test_batched_matmul_mode_agrees_with_solo_to_float32_rounding(xp, device):
+    model = Model(CONFIG, seed=8, xp=xp, device=device)
+    caches = []
+    for prompt in ([1, 2, 3], [4], [5, 6, 7, 8]):
+        caches.append(model.make_cache(16))
+        model.prefill(prompt, caches[-1])
+    fast = host(model.decode_batch([9, 9, 9], caches, batch_invariant=False))
+    for cache in caches:
+        cache.rollback(cache.get_seq_length(0) - 1)
+    exact = host(model.decode_batch([9, 9, 9], caches))
+    np.testing.assert_allclose(fast, exact, rtol=1e-5, atol=1e-5)
+    prompts, counts = workload(8, 6)
+    out = generate_batch(model, prompts, counts, num_blocks=12, block_size=4, batch_invariant=False)
+    assert [len(tokens) for tokens in out] == counts
+
+
 @pytest.mark.parametrize("block_size", [1, 16, 7])
 def test_batched_generation_equals_solo_generation(xp, device, block_size):
     model = Model(CONFIG, seed=1, xp=xp, device=device)
