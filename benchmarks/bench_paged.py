@@ -10,6 +10,8 @@
     continuous batching, under the same KV memory budget, NumPy, preset small.
 (c) Paged reads: gathering a sequence's blocks (one ``take``) then attention,
     against attention reading the blocks in place (blockwise, online softmax).
+(d) Batched decode attention: one attention per sequence over its own gathered
+    rows, against one masked attention over all sequences padded to the longest.
 
     python benchmarks/bench_paged.py            # a few minutes here
     python benchmarks/bench_paged.py --quick
@@ -181,6 +183,62 @@ def paged_reads(backend, lengths, block_size, width=256, n_heads=4, repeats=30):
     return out
 
 
+def batched_attention(backend, batch, width, n_heads, block_size=16, repeats=10):
+    """Per-sequence attention (what the engine does) against one masked attention
+    over the batch padded to its longest sequence; seconds per layer-step each."""
+    xp, rng = backend.xp, np.random.default_rng(4)
+    hd = width // n_heads
+    pool = PagedKVCache(1, width, 2048, block_size, xp=xp, device=backend.device)
+    lengths = [int(n) for n in rng.integers(100, 300, batch)]
+    sequences = [pool.add_sequence() for _ in range(batch)]
+    for sequence, length in zip(sequences, lengths, strict=True):
+        rows = xp.asarray(
+            rng.standard_normal((length, width), dtype=np.float32), device=backend.device
+        )
+        sequence.append(0, rows, rows)
+    q = xp.asarray(rng.standard_normal((batch, width), dtype=np.float32), device=backend.device)
+
+    def per_sequence():
+        return xp.concat(
+            [
+                xp.reshape(_attention_gathered(xp, q[i, :], s, 0, n_heads), (1, width))
+                for i, s in enumerate(sequences)
+            ],
+            axis=0,
+        )
+
+    def masked():
+        n_blocks = max(s.num_blocks for s in sequences)
+        table = np.zeros((batch, n_blocks), np.int64)
+        for i, s in enumerate(sequences):
+            table[i, : s.num_blocks] = s.block_table
+        ids = xp.asarray(np.reshape(table, (-1,)), device=backend.device)
+        span = n_blocks * block_size
+        keys = xp.take(pool._keys[0, ...], ids, axis=0)
+        values = xp.take(pool._values[0, ...], ids, axis=0)
+        kh = xp.permute_dims(xp.reshape(keys, (batch, span, n_heads, hd)), (0, 2, 3, 1))
+        vh = xp.permute_dims(xp.reshape(values, (batch, span, n_heads, hd)), (0, 2, 1, 3))
+        scores = xp.matmul(xp.reshape(q, (batch, n_heads, 1, hd)), kh) / math.sqrt(hd)
+        valid = xp.reshape(xp.arange(span, device=backend.device), (1, 1, 1, span)) < xp.reshape(
+            xp.asarray(lengths, device=backend.device), (batch, 1, 1, 1)
+        )
+        scores = xp.where(valid, scores, xp.asarray(-math.inf, device=backend.device))
+        probs = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
+        probs = probs / xp.sum(probs, axis=-1, keepdims=True)
+        return xp.reshape(xp.matmul(probs, vh), (batch, width))
+
+    assert np.allclose(np.asarray(per_sequence()), np.asarray(masked()), rtol=1e-4, atol=1e-5)
+    timings = {}
+    for name, fn in (("per sequence", per_sequence), ("masked batch", masked)):
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        timings[name] = statistics.median(samples)
+    return timings
+
+
 def _plot(utilization, measured, path: Path) -> bool:
     try:
         import matplotlib
@@ -243,23 +301,26 @@ def main() -> None:
         f"of 2048 blocks, {elapsed:.1f} s)"
     )
 
-    requests, budget = (12, 2048) if args.quick else (64, 8192)
-    config, new_tokens, results = throughput(backend, "small", requests, budget, block_size)
-    print(
-        f"\n## (b) Throughput: {requests} requests (prompts 16-127, outputs 64-255 tokens), "
-        f"preset small ({config.n_layers} layers x {config.d_model}), KV budget {budget} rows "
-        f"({budget // block_size} blocks of {block_size})\n"
-    )
-    print("| mode | new tokens/s | speed-up | largest batch | preemptions | tokens equal solo |")
-    print("|---|---:|---:|---:|---:|---|")
-    solo = results["one request at a time"][0]
-    for name, (seconds, stats, same) in results.items():
-        batch = stats.max_batch if stats else 1
-        preempted = stats.preemptions if stats else 0
+    plans = [("small", 12, 2048)] if args.quick else [("small", 64, 8192), ("medium", 32, 8192)]
+    for size, requests, budget in plans:
+        config, new_tokens, results = throughput(backend, size, requests, budget, block_size)
         print(
-            f"| {name} | {new_tokens / seconds:.0f} | {solo / seconds:.2f}x | {batch} "
-            f"| {preempted} | {same} |"
+            f"\n## (b) Throughput: {requests} requests (prompts 16-127, outputs 64-255 tokens), "
+            f"preset {size} ({config.n_layers} layers x {config.d_model}), KV budget {budget} "
+            f"rows ({budget // block_size} blocks of {block_size})\n"
         )
+        print(
+            "| mode | new tokens/s | speed-up | largest batch | preemptions | tokens equal solo |"
+        )
+        print("|---|---:|---:|---:|---:|---|")
+        solo = results["one request at a time"][0]
+        for name, (seconds, stats, same) in results.items():
+            batch = stats.max_batch if stats else 1
+            preempted = stats.preemptions if stats else 0
+            print(
+                f"| {name} | {new_tokens / seconds:.0f} | {solo / seconds:.2f}x | {batch} "
+                f"| {preempted} | {same} |"
+            )
 
     lengths = [256, 1024] if args.quick else [256, 1024, 4096]
     reads = paged_reads(backend, lengths, block_size)
@@ -271,6 +332,18 @@ def main() -> None:
     for length, gather, in_place in reads:
         print(
             f"| {length} | {gather * 1e6:.0f} | {in_place * 1e6:.0f} | {in_place / gather:.1f}x |"
+        )
+
+    print(
+        "\n## (d) Decode attention for a batch of 32 sequences of 100-299 rows (per layer-step)\n"
+    )
+    print("| width (heads) | per sequence (ms) | one masked batch (ms) | masked / per sequence |")
+    print("|---|---:|---:|---:|")
+    for width, heads in ((256, 4), (512, 8)):
+        t = batched_attention(backend, 32, width, heads)
+        print(
+            f"| {width} ({heads}) | {t['per sequence'] * 1e3:.2f} | {t['masked batch'] * 1e3:.2f} "
+            f"| {t['masked batch'] / t['per sequence']:.1f}x |"
         )
 
     if _plot(utilization, measured, args.plot):
