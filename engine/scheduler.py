@@ -9,8 +9,10 @@ Requests wait in a queue. Each step the scheduler
    short it **preempts by recomputation**: the youngest running request gives its
    blocks back and returns to the head of the queue, keeping the tokens it has
    generated; on readmission its prompt is prefilled again and its generated
-   tokens are decoded again one by one (a prefill over them would compute their
-   rows with other rounding than the decode steps that first made them);
+   tokens' rows are recomputed: batch-invariant, by feeding them again through the
+   batched decode steps (catching up: their outputs are known and dropped; a
+   prefill over them would round differently from the decode steps that first
+   made them), otherwise by one prefill over prompt and tokens;
 3. decodes all running sequences together (``Model.decode_batch``: the matmuls
    batched, attention per sequence over its own blocks);
 4. retires the requests that reached their ``max_new_tokens`` or their EOS token,
@@ -36,7 +38,7 @@ from kvcache_xp.errors import OutOfBlocksError
 __all__ = ["Request", "Scheduler", "SchedulerStats", "generate_batch"]
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field equality: requests are looked up in lists
 class Request:
     """One generation request and its progress."""
 
@@ -45,6 +47,7 @@ class Request:
     eos_token_id: int | None = None  # stop after generating this token (it is kept)
     request_id: int = -1
     generated: list[int] = field(default_factory=list)
+    fed: int = 0  # generated tokens whose rows the sequence holds; < len - 1: catching up
     sequence: PagedSequence | None = None
     admitted: int = -1  # admission order: the largest is the youngest running request
     preemptions: int = 0
@@ -65,7 +68,7 @@ class SchedulerStats:
     decode_steps: int = 0
     decoded_tokens: int = 0
     prefills: int = 0
-    recomputed_tokens: int = 0  # generated tokens decoded again after a preemption
+    recomputed_tokens: int = 0  # generated tokens whose rows were computed again
     preemptions: int = 0
     max_batch: int = 0
     peak_used_blocks: int = 0
@@ -160,17 +163,15 @@ class Scheduler:
             self.waiting.popleft()
             request.sequence = cache.add_sequence()
             request.admitted = next(self._admissions)
-            fed = request.generated[:-1]  # generated tokens whose rows were lost
-            if self.batch_invariant:
-                # recompute those rows as they were first computed, one decode step
-                # each: a prefill over them would round differently
+            lost = request.generated[:-1]  # generated tokens whose rows went with the blocks
+            if self.batch_invariant or not lost:
                 logits = self.model.prefill(request.prompt, request.sequence)
-                for token in fed:
-                    self.model.decode_step(token, request.sequence)
+                request.fed = 0  # any lost rows are recomputed by the decode steps
             else:
-                logits = self.model.prefill(request.prompt + fed, request.sequence)
+                logits = self.model.prefill(request.prompt + lost, request.sequence)
+                request.fed = len(lost)
             self.stats.prefills += 1
-            self.stats.recomputed_tokens += len(fed)
+            self.stats.recomputed_tokens += len(lost)
             if not request.generated:  # a fresh request: the prefill gives its first token
                 request.generated.append(int(self._argmax(logits)))
             if request.finished:
@@ -204,7 +205,7 @@ class Scheduler:
     def _decode(self) -> None:
         running = self.running
         logits = self.model.decode_batch(
-            [r.generated[-1] for r in running],
+            [r.generated[r.fed] for r in running],
             [r.sequence for r in running],
             batch_invariant=self.batch_invariant,
         )  # (B, vocab)
@@ -213,7 +214,9 @@ class Scheduler:
         self.stats.decoded_tokens += len(running)
         self.stats.max_batch = max(self.stats.max_batch, len(running))
         for request, token in zip(running, _to_list(tokens), strict=True):
-            request.generated.append(token)
+            request.fed += 1
+            if request.fed == len(request.generated):  # caught up: a new token
+                request.generated.append(token)
         for request in [r for r in running if r.finished]:
             self._retire(request)
 

@@ -240,11 +240,11 @@ class PagedSequence(LayeredCache):
             )
         self._grow(table, min(self._positions), end)
 
-    def _needs_blocks(self, table: list[int], pos: int, end: int) -> bool:
-        """Whether writing rows [pos, end) needs a new block or a private copy of one."""
+    def _must_copy(self, table: list[int], pos: int, end: int) -> bool:
+        """Whether writing rows [pos, end) starts in a block shared with a fork."""
         first = pos // self.block_size
-        return end > len(table) * self.block_size or (
-            first < len(table) and end > pos and self._cache.allocator.ref_count(table[first]) > 1
+        return (
+            end > pos and first < len(table) and self._cache.allocator.ref_count(table[first]) > 1
         )
 
     def _grow(self, table: list[int], pos: int, end: int) -> None:
@@ -253,13 +253,14 @@ class PagedSequence(LayeredCache):
         All or nothing: the blocks are allocated in one call before anything changes.
         A block shared with a fork is copied (all layers) before it is written.
         """
-        if not self._needs_blocks(table, pos, end):
-            return
-        cache, first = self._cache, pos // self.block_size
+        cache = self._cache
         missing = max(cache.blocks_for(end) - len(table), 0)
-        copy = first < len(table) and end > pos and cache.allocator.ref_count(table[first]) > 1
+        copy = self._must_copy(table, pos, end)
+        if not missing and not copy:
+            return
         blocks = cache.allocator.allocate(missing + copy)  # OutOfBlocksError: nothing changed
         if copy:  # copy-on-write
+            first = pos // self.block_size
             private, shared = blocks.pop(), table[first]
             cache._keys[:, private, :, :] = cache._keys[:, shared, :, :]
             cache._values[:, private, :, :] = cache._values[:, shared, :, :]
@@ -278,7 +279,7 @@ class PagedSequence(LayeredCache):
         table = self._live_table()
         layer_idx, rows, end, k, v = self._prepare(layer_idx, k, v)
         pos = self._positions[layer_idx]
-        if self._needs_blocks(table, pos, end):
+        if end > len(table) * self.block_size or self._must_copy(table, pos, end):
             self._grow(table, pos, end)
         keys, values, size = self._cache._keys, self._cache._values, self.block_size
         if isinstance(rows, int):  # one decode row
