@@ -24,24 +24,19 @@ from .reference import ConcatKVCache
 __all__ = ["main"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``, or a message saying so."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
             for name, c in PRESETS.items()
         ),
     )
-    parser.add_argument("--prompt-len", type=_positive_int, default=16, metavar="N")
-    parser.add_argument("--new-tokens", type=_positive_int, default=512, metavar="N")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="weights and prompt seed")
+    parser.add_argument("--prompt-len", type=_int_at_least(1), default=16, metavar="N")
+    parser.add_argument("--new-tokens", type=_int_at_least(1), default=512, metavar="N")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="weights and prompt seed")
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the ConcatKVCache run and the comparison"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import array_api_compat
@@ -11,6 +12,7 @@ import pytest
 from kvcache_xp import (
     CacheOverflowError,
     DtypeError,
+    KVCacheError,
     KVMismatchError,
     LayerIndexError,
     NamespaceMismatchError,
@@ -22,6 +24,7 @@ __all__ = [
     "BAD_APPENDS",
     "assert_same_state",
     "bad_appends",
+    "check_bad_append",
     "host",
     "rows",
     "skip_without_float16",
@@ -114,3 +117,24 @@ BAD_APPENDS = [
     "k too wide", "v too wide", "k, v rows differ", "k row, v batch", "integer rows",
     "host list", "overflow prefill", "numpy array",
 ]  # fmt: skip
+
+
+def check_bad_append(
+    cache: Any, append: Any, xp: Any, device: Any, case: str, max_len: int
+) -> None:
+    """Fill every layer of ``cache`` with 3 rows, make the bad call ``case`` through
+    ``append`` (a bound method of the cache), and assert its specific error, a
+    message naming what was expected and what came, and an unchanged cache."""
+    cases = bad_appends(xp, device, cache.d_model, cache.n_layers, max_len)
+    if case not in cases:
+        pytest.skip(f"{case}: not a mismatch on {xp.__name__}")
+    args, error, message = cases[case]
+    rng = np.random.default_rng(9)
+    for layer in range(cache.n_layers):  # some history in every layer
+        block = rows(xp, device, rng, 3, cache.d_model)
+        cache.append(layer, block, block)
+    before = snapshot(cache)
+    with pytest.raises(error, match=re.escape(message)):
+        append(*args)
+    assert issubclass(error, KVCacheError)
+    assert_same_state(cache, before)

@@ -15,7 +15,7 @@ import pytest
 from helpers import (
     BAD_APPENDS,
     assert_same_state,
-    bad_appends,
+    check_bad_append,
     host,
     rows,
     skip_without_float16,
@@ -28,7 +28,6 @@ from kvcache_xp import (
     DeviceMismatchError,
     DtypeError,
     KVCache,
-    KVCacheError,
     LayerIndexError,
     LengthError,
     UnsupportedBackendError,
@@ -191,20 +190,8 @@ def test_reset_and_rollback(xp, device):
 
 @pytest.mark.parametrize("case", BAD_APPENDS)
 def test_bad_append_raises_specific_error_and_changes_nothing(xp, device, case):
-    cases = bad_appends(xp, device, WIDTH, N_LAYERS, MAX_LEN)
-    if case not in cases:
-        pytest.skip(f"{case}: not a mismatch on {xp.__name__}")
-    args, error, message = cases[case]
     cache = make_cache(xp, device)
-    rng = np.random.default_rng(9)
-    for layer in range(N_LAYERS):  # some history in every layer
-        block = rows(xp, device, rng, 3, WIDTH)
-        cache.append(layer, block, block)
-    before = snapshot(cache)
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        cache.append(*args)
-    assert issubclass(error, KVCacheError)
-    assert_same_state(cache, before)
+    check_bad_append(cache, cache.append, xp, device, case, MAX_LEN)
 
 
 def test_overflow_of_a_full_layer_on_decode(xp, device):

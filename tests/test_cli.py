@@ -31,9 +31,9 @@ def test_demo_with_the_int8_cache_reports_agreement_without_failing(backend, cap
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--new-tokens", "0"], "expected a positive integer, got 0"),
-        (["--prompt-len", "ten"], "expected a positive integer, got 'ten'"),
-        (["--seed", "-3"], "expected an integer >= 0"),
+        (["--new-tokens", "0"], "expected an integer >= 1, got '0'"),
+        (["--prompt-len", "ten"], "expected an integer >= 1, got 'ten'"),
+        (["--seed", "-3"], "expected an integer >= 0, got '-3'"),
         (["--size", "huge"], "invalid choice: 'huge'"),
         (["--cache", "int4"], "invalid choice: 'int4'"),
         (["--size", "tiny", "--prompt-len", "500", "--new-tokens", "100"], "covers 512"),

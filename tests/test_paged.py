@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import BAD_APPENDS, assert_same_state, bad_appends, host, rows, snapshot
+from helpers import BAD_APPENDS, check_bad_append, host, rows, snapshot
 
 from kvcache_xp import (
     BlockAllocator,
@@ -87,21 +87,10 @@ def test_out_of_blocks_raises_and_leaves_the_sequence_untouched(xp, device):
 
 @pytest.mark.parametrize("case", BAD_APPENDS)
 def test_bad_append_raises_specific_error_and_changes_nothing(xp, device, case):
-    max_len = 16
-    cases = bad_appends(xp, device, WIDTH, N_LAYERS, max_len)
-    if case not in cases:
-        pytest.skip(f"{case}: not a mismatch on {xp.__name__}")
-    args, error, message = cases[case]
-    pool = make_pool(xp, device, max_seq_len=max_len)
+    pool = make_pool(xp, device, max_seq_len=16)
     sequence = pool.add_sequence()
-    block = rows(xp, device, np.random.default_rng(3), 3, WIDTH)
-    for layer in range(N_LAYERS):
-        sequence.append(layer, block, block)
-    before, used = snapshot(sequence), pool.num_used_blocks
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        sequence.append(*args)
-    assert_same_state(sequence, before)
-    assert pool.num_used_blocks == used
+    check_bad_append(sequence, sequence.append, xp, device, case, 16)
+    assert pool.num_used_blocks == sequence.num_blocks == pool.blocks_for(3)
 
 
 def test_freeing_returns_blocks_and_kills_the_handle(xp, device):
