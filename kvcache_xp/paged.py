@@ -232,6 +232,8 @@ class PagedSequence(LayeredCache):
         ``OutOfBlocksError`` when the pool is short; either way nothing changes.
         """
         table = self._live_table()
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"reserve takes a row count >= 0, got {rows!r}")
         end = max(self._positions) + rows
         if end > self.max_seq_len:
             raise CacheOverflowError(

@@ -14,6 +14,7 @@ from helpers import BAD_APPENDS, check_bad_append, host, rows, snapshot
 from kvcache_xp import (
     BlockAllocator,
     CacheOverflowError,
+    DtypeError,
     KVCache,
     OutOfBlocksError,
     PagedKVCache,
@@ -175,6 +176,30 @@ def test_fork_needs_equal_layer_lengths(xp, device):
     sequence.append(0, row, row)  # mid-step: layer 1 is behind
     with pytest.raises(SequenceError, match="same length"):
         sequence.fork()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_blocks": 0}, ValueError, "num_blocks must be a positive int"),
+        ({"block_size": -4}, ValueError, "block_size must be a positive int"),
+        ({"dtype": "int32"}, DtypeError, "real floating dtype"),
+        ({"max_seq_len": 2.5}, TypeError, "max_seq_len must be a positive int"),
+    ],
+)
+def test_bad_pool_arguments_are_refused(kwargs, error, message):
+    arguments = {"num_blocks": 4, "block_size": 4} | kwargs
+    with pytest.raises(error, match=message):
+        PagedKVCache(1, 8, **arguments)
+
+
+@pytest.mark.parametrize("rows_asked", [-1, 1.5, True])
+def test_bad_reservation_is_refused(xp, device, rows_asked):
+    pool = make_pool(xp, device)
+    sequence = pool.add_sequence()
+    with pytest.raises(ValueError, match="row count >= 0"):
+        sequence.reserve(rows_asked)
+    assert pool.num_used_blocks == 0
 
 
 def test_pool_bytes_and_shapes(xp, device):

@@ -143,6 +143,16 @@ def test_requests_that_could_never_run_are_refused(prompt, count, error, message
     assert not scheduler.waiting
 
 
+def test_decode_batch_needs_one_cache_per_token(xp, device):
+    model = Model(CONFIG, xp=xp, device=device)
+    caches = [model.make_cache(8), model.make_cache(8)]
+    with pytest.raises(ValueError, match="3 tokens but 2 caches"):
+        model.decode_batch([1, 2, 3], caches)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.decode_batch([1, 999], caches)
+    assert [c.get_seq_length(0) for c in caches] == [0, 0]
+
+
 def test_generate_batch_checks_its_arguments():
     model = Model(CONFIG)
     with pytest.raises(ValueError, match="2 prompts but 3 max_new_tokens"):
