@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcache_xp import PagedKVCache, PagedSequence
+from kvcache_xp import PagedKVCache, PagedSequence, to_numpy
 from kvcache_xp.errors import OutOfBlocksError
 
 __all__ = ["Request", "Scheduler", "SchedulerStats", "generate_batch"]
@@ -236,8 +236,6 @@ class Scheduler:
 
 def _to_list(tokens: Any) -> list[int]:
     """A (B,) integer array of any backend as Python ints (one transfer from a GPU)."""
-    from kvcache_xp import to_numpy
-
     return [int(t) for t in to_numpy(tokens)]
 
 
