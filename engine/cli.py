@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -131,6 +131,19 @@ def _timed_generation(
     return out, first, time.perf_counter() - start
 
 
+def _run_and_report(
+    tokens: Iterator[int], label: str, total: int, show_progress: bool, describe_cache: Any
+) -> tuple[list[int], float]:
+    """Generate with progress, print one line of tokens/s and ``describe_cache()`` (after
+    the run: a growing cache's size is known only then); return (tokens, seconds)."""
+    out, first, elapsed = _timed_generation(tokens, label, total, show_progress)
+    print(
+        f"{label:<13} {len(out) / elapsed:10.1f} tokens/s  ({elapsed:.3f} s, first token "
+        f"after {first * 1e3:.1f} ms)  {describe_cache()}"
+    )
+    return out, elapsed
+
+
 def _megabytes(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
@@ -159,36 +172,21 @@ def run(args: argparse.Namespace) -> int:
         f"prompt: {args.prompt_len} random tokens; generating {args.new_tokens} new tokens"
     )
     show = not args.no_progress
-    tokens, first, elapsed = _timed_generation(
-        model.generate_stream(prompt, args.new_tokens, cache=cache),
-        "KVCache",
-        args.new_tokens,
-        show,
-    )
-    rate = len(tokens) / elapsed
-    print(
-        f"{label:<13} {rate:10.1f} tokens/s  ({elapsed:.3f} s, first token after "
-        f"{first * 1e3:.1f} ms)  cache {_megabytes(cache.nbytes)} preallocated "
-        f"for {total} rows"
-    )
+    tokens, elapsed = _run_and_report(
+        model.generate_stream(prompt, args.new_tokens, cache=cache), label, args.new_tokens,
+        show, lambda: f"cache {_megabytes(cache.nbytes)} preallocated for {total} rows",
+    )  # fmt: skip
     if args.no_compare:
         print(f"first tokens: {tokens[:16]}")
         return 0
     naive = ConcatKVCache(
         config.n_layers, config.d_model, args.cache_dtype, xp=backend.xp, device=backend.device
     )
-    naive_tokens, naive_first, naive_elapsed = _timed_generation(
-        model.generate_stream(prompt, args.new_tokens, cache=naive),
-        "ConcatKVCache",
-        args.new_tokens,
-        show,
-    )
-    naive_rate = len(naive_tokens) / naive_elapsed
-    print(
-        f"ConcatKVCache {naive_rate:10.1f} tokens/s  ({naive_elapsed:.3f} s, first token after "
-        f"{naive_first * 1e3:.1f} ms)  cache {_megabytes(naive.nbytes)} at the end, "
-        f"reallocated on every append"
-    )
+    naive_tokens, naive_elapsed = _run_and_report(
+        model.generate_stream(prompt, args.new_tokens, cache=naive), "ConcatKVCache",
+        args.new_tokens, show,
+        lambda: f"cache {_megabytes(naive.nbytes)} at the end, reallocated on every append",
+    )  # fmt: skip
     print(f"speed ratio: {label} is {naive_elapsed / elapsed:.2f}x the speed of ConcatKVCache")
     same = sum(a == b for a, b in zip(tokens, naive_tokens, strict=True))
     if lossy:  # int8 is not exact: report the agreement, it is no failure

@@ -27,17 +27,22 @@ from .errors import (
     ShapeError,
 )
 
-__all__ = ["LayeredCache", "positive_int"]
+__all__ = ["LayeredCache", "as_int", "positive_int"]
+
+
+def as_int(value: Any, error: type[Exception], message: str) -> int:
+    """``value`` as a Python int (numpy integers too, bools not), else ``error(message)``."""
+    if isinstance(value, bool):
+        raise error(message)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise error(message) from None
 
 
 def positive_int(name: str, value: Any) -> int:
     """``value`` as an int >= 1, or a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive int, got {value!r}") from None
+    value = as_int(value, TypeError, f"{name} must be a positive int, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
@@ -135,12 +140,7 @@ class LayeredCache:
         not cleared: the next append overwrites them. Raises ``LengthError`` (and
         changes nothing) unless ``0 <= length <= max(lengths)``.
         """
-        if isinstance(length, bool):
-            raise LengthError(f"rollback length must be an int, got {length!r}")
-        try:
-            length = operator.index(length)
-        except TypeError:
-            raise LengthError(f"rollback length must be an int, got {length!r}") from None
+        length = as_int(length, LengthError, f"rollback length must be an int, got {length!r}")
         longest = max(self._positions)
         if not 0 <= length <= longest:
             raise LengthError(
@@ -152,14 +152,7 @@ class LayeredCache:
     # -- error paths (off the hot path) ---------------------------------------------
 
     def _check_layer(self, layer_idx: Any) -> int:
-        if isinstance(layer_idx, bool):
-            raise LayerIndexError(f"layer_idx must be an int, got {layer_idx!r}")
-        try:
-            index = operator.index(layer_idx)
-        except TypeError:
-            raise LayerIndexError(
-                f"layer_idx must be an int, got {type(layer_idx).__name__}"
-            ) from None
+        index = as_int(layer_idx, LayerIndexError, f"layer_idx must be an int, got {layer_idx!r}")
         if not 0 <= index < self.n_layers:
             raise LayerIndexError(
                 f"layer_idx {index} is out of range: the cache has {self.n_layers} layers "
