@@ -1,6 +1,7 @@
-"""``python -m engine`` (or ``kvcache-xp``): the demo generation.
+"""``python -m engine`` (or ``kvcache-xp``): the demo generation; ``python -m engine
+generate --model DIR --prompt TEXT``: text from a Hugging Face model folder.
 
-Generates greedily with a built-in seeded model, first through the preallocated
+The demo generates greedily with a built-in seeded model, first through the preallocated
 ``KVCache``, then through the naive ``ConcatKVCache``, and prints tokens/s for
 each, the cache bytes, the speed ratio, and whether both produced the same tokens
 (exit status 1 if not). Bad options print a message and exit with status 2.
@@ -16,7 +17,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from kvcache_xp import BACKEND_NAMES, KVCacheError, load_backend
+from kvcache_xp import BACKEND_NAMES, KVCacheError, PagedKVCache, load_backend
 
 from .model import PRESETS, Model
 from .reference import ConcatKVCache
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"first tokens: {tokens[:16]}")
         return 0
     naive = ConcatKVCache(
-        config.n_layers, config.d_model, args.cache_dtype, xp=backend.xp, device=backend.device
+        config.n_layers, config.kv_dim, args.cache_dtype, xp=backend.xp, device=backend.device
     )
     naive_tokens, naive_elapsed = _run_and_report(
         model.generate_stream(prompt, args.new_tokens, cache=naive), "ConcatKVCache",
@@ -204,12 +205,132 @@ def run(args: argparse.Namespace) -> int:
     return 1
 
 
+def build_generate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine generate",
+        description="Generate text with a GPT-2 or Llama-family model from a local Hugging "
+        "Face folder (config.json, model.safetensors or shards, tokenizer.json), "
+        "streaming it as it comes; timings and sizes follow on stderr.",
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="the model folder")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json and tokenizers)")
+    prompt.add_argument(
+        "--prompt-ids", metavar="IDS", help="prompt as comma-separated token ids; prints ids"
+    )
+    parser.add_argument("--backend", choices=BACKEND_NAMES, default="numpy")
+    parser.add_argument(
+        "--cache",
+        choices=("contiguous", "int8", "paged"),
+        default="contiguous",
+        help="contiguous: KVCache storing --cache-dtype; int8: Int8KVCache (one scale per "
+        "token per head); paged: a PagedKVCache sequence, blocks of 16 rows",
+    )
+    parser.add_argument(
+        "--cache-dtype", choices=("float32", "float16", "bfloat16", "float64"), default="float32"
+    )
+    parser.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, metavar="N")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample"
+    )
+    parser.add_argument("--top-k", type=_int_at_least(0), default=0, help="0: off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0, help="sampling seed")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at the model's EOS token(s)"
+    )
+    return parser
+
+
+def _generation_cache(model: Model, kind: str, dtype: str, rows: int) -> Any:
+    if kind == "int8":
+        return model.make_cache(rows, "int8")
+    if kind == "paged":
+        c = model.config
+        block = 16
+        pool = PagedKVCache(
+            c.n_layers, c.kv_dim, -(-rows // block), block, dtype, xp=model.xp,
+            device=model.device, max_seq_len=rows,
+        )  # fmt: skip
+        return pool.add_sequence()
+    return model.make_cache(rows, dtype)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .text import load_tokenizer
+
+    backend = load_backend(args.backend)
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = load_tokenizer(args.model)
+    start = time.perf_counter()
+    model = load_model(args.model, xp=backend.xp, device=backend.device)
+    load_seconds = time.perf_counter() - start
+    if tokenizer is not None:
+        prompt = tokenizer.encode(args.prompt)
+        if not prompt:
+            raise ValueError("the prompt encodes to no tokens")
+    else:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"--prompt-ids: expected comma-separated ints, got {args.prompt_ids!r}"
+            ) from None
+    c = model.config
+    new = min(args.max_new_tokens, c.max_seq_len - len(prompt) + 1)
+    if new < 1:
+        raise ValueError(
+            f"the prompt's {len(prompt)} tokens fill the model's context {c.max_seq_len}"
+        )
+    cache = _generation_cache(model, args.cache, args.cache_dtype, len(prompt) + new)
+    print(
+        f"{model.path}: {c.arch}, {c.n_layers} layers x {c.d_model}, {c.n_heads} heads "
+        f"({c.n_kv_heads} kv), vocab {c.vocab_size}; loaded in {load_seconds:.2f} s on "
+        f"{backend.name}; cache {type(cache).__name__}; prompt {len(prompt)} tokens",
+        file=sys.stderr,
+    )
+    tokens = model.generate_stream(
+        prompt, new, cache=cache, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, eos_token_id=() if args.ignore_eos else None,
+    )  # fmt: skip
+    stream = tokenizer.stream() if tokenizer is not None else None
+    out = sys.stdout
+    if stream is not None:
+        out.write(args.prompt)
+        out.flush()
+    count, start, first = 0, time.perf_counter(), 0.0
+    for token in tokens:
+        count += 1
+        if count == 1:
+            first = time.perf_counter() - start
+        out.write(stream.push(token) if stream is not None else f"{token} ")
+        out.flush()
+    total = time.perf_counter() - start
+    out.write((stream.flush() if stream is not None else "") + "\n")
+    out.flush()
+    decode = (count - 1) / (total - first) if count > 1 and total > first else float("nan")
+    print(
+        f"time to first token {first * 1e3:.1f} ms (prompt {len(prompt)} tokens); "
+        f"decode {decode:.1f} tokens/s ({count} tokens); "
+        f"cache {_megabytes(cache.nbytes)}; weights {_megabytes(model.weight_nbytes)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["generate"]:
+        parser, runner = build_generate_parser(), run_generate
+        argv = argv[1:]
+    else:
+        parser, runner = build_parser(), run
     args = parser.parse_args(argv)
     try:
-        return run(args)
-    except (KVCacheError, ValueError, TypeError) as exc:
+        return runner(args)
+    except (KVCacheError, ValueError, TypeError, ImportError) as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     except KeyboardInterrupt:
         return 130

@@ -68,12 +68,26 @@ class ConcatKVCache:
         return 2 * sum(k.shape[0] for k in self._keys) * self.d_model * itemsize
 
 
-def greedy_recompute(model: Any, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+def greedy_recompute(
+    model: Any,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[int]:
     """Greedy decoding with no cache at all: every step reruns ``model.forward`` on
     the whole sequence and takes the argmax of the last row. O(n^2) compute; the
-    oracle that generation through any cache must reproduce token for token."""
+    oracle that generation through any cache must reproduce token for token.
+    Stops after an EOS token as ``Model.generate`` does (``None``: the model's
+    ``eos_token_ids``; ``()``: never)."""
+    if eos_token_id is None:
+        eos = set(getattr(model, "eos_token_ids", ()))
+    else:
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     tokens = list(prompt)
     for _ in range(max_new_tokens):
         logits = model.forward(tokens)  # (T, vocab)
         tokens.append(int(model.xp.argmax(logits[-1, :])))
+        if tokens[-1] in eos:
+            break
     return tokens[len(prompt) :]

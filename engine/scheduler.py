@@ -98,7 +98,7 @@ class Scheduler:
         self.batch_invariant = batch_invariant
         self.model = model
         self.cache = PagedKVCache(
-            config.n_layers, config.d_model, num_blocks, block_size, cache_dtype,
+            config.n_layers, config.kv_dim, num_blocks, block_size, cache_dtype,
             xp=model.xp, device=model.device, max_seq_len=config.max_seq_len,
         )  # fmt: skip
         if max_batch_size is not None and max_batch_size < 1:

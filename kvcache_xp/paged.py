@@ -370,6 +370,11 @@ class PagedSequence(LayeredCache):
     def num_blocks(self) -> int:
         return len(self._live_table())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pool blocks this sequence references (shared ones included)."""
+        return self.num_blocks * self._cache.bytes_per_block
+
     def __repr__(self) -> str:
         state = "freed" if self._block_table is None else f"blocks={self._block_table}"
         return f"PagedSequence(id={self.sequence_id}, lengths={self.lengths}, {state})"
