@@ -10,12 +10,19 @@ import numpy as np
 import pytest
 from helpers import host, skip_without_float16
 
-from engine.model import PRESETS, Model, ModelConfig
+from engine.model import PRESETS, Model, ModelConfig, RopeScaling
 from engine.reference import ConcatKVCache, greedy_recompute
 from kvcache_xp import KVCache
 
 ONE_LAYER_ONE_HEAD = ModelConfig(97, 16, 1, 1, 160)
 THREE_LAYERS_FOUR_HEADS = ModelConfig(128, 32, 3, 4, 160)
+# Llama family: RoPE, RMSNorm, SwiGLU; 8 query heads on 2 key/value heads, head_dim 8
+# (q width 64 != d_model 32, cache width 16), llama3 rope scaling, q/k/v biases.
+# (A seeded tied head mostly echoes the input token; tests/test_checkpoint.py ties.)
+LLAMA_GQA = ModelConfig(
+    128, 32, 2, 8, 160, d_ff=48, arch="llama", n_kv_heads=2, head_dim=8,
+    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16), rope_theta=500000.0, qkv_bias=True,
+)  # fmt: skip
 
 
 def numpy_tokens(config, seed, prompt, max_new_tokens, **kwargs) -> list[int]:
@@ -23,7 +30,9 @@ def numpy_tokens(config, seed, prompt, max_new_tokens, **kwargs) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "config", [ONE_LAYER_ONE_HEAD, THREE_LAYERS_FOUR_HEADS], ids=["1L1H", "3L4H"]
+    "config",
+    [ONE_LAYER_ONE_HEAD, THREE_LAYERS_FOUR_HEADS, LLAMA_GQA],
+    ids=["1L1H", "3L4H", "llama-gqa"],
 )
 @pytest.mark.parametrize("prompt", [[7], [3, 14, 15, 92, 65, 35, 8]], ids=["prompt1", "prompt7"])
 @pytest.mark.parametrize("max_new_tokens", [1, 70])
@@ -35,7 +44,7 @@ def test_generate_equals_concat_cache_equals_full_recompute(
     with_concat = model.generate(
         prompt,
         max_new_tokens,
-        cache=ConcatKVCache(config.n_layers, config.d_model, xp=xp, device=device),
+        cache=ConcatKVCache(config.n_layers, config.kv_dim, xp=xp, device=device),
     )
     recomputed = greedy_recompute(model, prompt, max_new_tokens)
     assert len(with_cache) == max_new_tokens
@@ -192,6 +201,12 @@ def test_decode_step_on_a_full_cache_leaves_it_untouched(xp, device):
         ({"n_layers": 0}, "n_layers must be a positive int"),
         ({"vocab_size": 2.5}, "vocab_size"),
         ({"d_ff": -1}, "d_ff"),
+        ({"arch": "bert"}, "arch must be one of"),
+        ({"arch": "llama", "n_heads": 2, "n_kv_heads": 3}, "multiple of n_kv_heads=3"),
+        ({"arch": "llama", "head_dim": 3}, "even head_dim"),
+        ({"n_kv_heads": 1}, "arch 'gpt2' has n_kv_heads == n_heads"),
+        ({"qkv_bias": True}, "belong to arch 'llama'"),
+        ({"arch": "llama", "rope_theta": 0.0}, "rope_theta must be > 0"),
     ],
 )
 def test_model_config_rejects_bad_shapes(fields, message):
@@ -204,3 +219,21 @@ def test_presets_are_valid_configs():
     assert PRESETS["gpt2"].d_model == 768 and PRESETS["gpt2"].n_layers == 12
     for config in PRESETS.values():
         assert config.d_model % config.n_heads == 0
+
+
+def test_llama_cache_rows_are_kv_width_and_rotated(xp, device):
+    """The cache holds n_kv_heads * head_dim wide rows, keys after the rotation: the
+    same token at two positions leaves two different keys and the same value."""
+    model = Model(LLAMA_GQA, seed=3, xp=xp, device=device)
+    cache = model.make_cache(8)
+    assert cache.d_model == LLAMA_GQA.kv_dim == 16
+    model.prefill([5, 5], cache)
+    keys, values = (host(a) for a in cache.view(0))
+    assert keys.shape == (2, 16)
+    assert not np.allclose(keys[0], keys[1]) and np.allclose(values[0], values[1])
+    # position 0 is not rotated: its key is the plain projection (RMSNorm, then W_k + b_k)
+    w = {k: host(v) for k, v in model.weights.items()}
+    x = w["wte"][5]
+    h = x / np.sqrt(np.mean(x * x) + LLAMA_GQA.layer_norm_eps) * w["h0.ln_1.g"]
+    k0 = (w["h0.attn.w_qkv"] @ h + w["h0.attn.b_qkv"])[64:80]
+    np.testing.assert_allclose(keys[0], k0, rtol=1e-5, atol=1e-5)
