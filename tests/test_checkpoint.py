@@ -339,3 +339,22 @@ def test_gpt2_unsupported_variants_are_refused(tmp_path):
         folder = write_folder(tmp_path / str(len(message)), GPT2 | change, tensors_for(GPT2))
         with pytest.raises(CheckpointError, match=message):
             load_model(folder)
+
+
+def test_files_of_the_safetensors_library_load_the_same(tmp_path):
+    """The official writer and this suite's writer agree, in both directions."""
+    st = pytest.importorskip("safetensors.numpy", reason="safetensors is not installed")
+    tensors = tensors_for(LLAMA_GQA, seed=8)
+    ours = write_folder(tmp_path / "ours", LLAMA_GQA, tensors)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.json").write_text(json.dumps(LLAMA_GQA))
+    halves = {k: v.astype(np.float16) for k, v in tensors.items()}
+    st.save_file(halves, str(theirs / "model.safetensors"), metadata={"format": "pt"})
+    loaded = st.load_file(str(ours / "model.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    model = load_model(theirs)
+    expected = reference_logits(LLAMA_GQA, tensors, TOKENS, "F16")
+    np.testing.assert_allclose(model.forward(TOKENS), expected, rtol=1e-4, atol=1e-3)
