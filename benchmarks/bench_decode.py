@@ -28,7 +28,6 @@ import platform
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -57,7 +56,6 @@ def bandwidth(megabytes: int, repeats: int) -> dict[str, float]:
         "copy (read + write)": 2 * a.nbytes / best_of(lambda: np.copyto(b, a), repeats),
         "sum (read)": a.nbytes / best_of(lambda: a.sum(), repeats),
     }
-    del a, b
     return out
 
 

@@ -261,12 +261,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from .text import load_tokenizer
 
     backend = load_backend(args.backend)
-    tokenizer = None
-    if args.prompt is not None:
-        tokenizer = load_tokenizer(args.model)
     start = time.perf_counter()
     model = load_model(args.model, xp=backend.xp, device=backend.device)
     load_seconds = time.perf_counter() - start
+    tokenizer = load_tokenizer(args.model) if args.prompt is not None else None
     if tokenizer is not None:
         prompt = tokenizer.encode(args.prompt)
         if not prompt:
@@ -295,7 +293,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt, new, cache=cache, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, eos_token_id=() if args.ignore_eos else None,
     )  # fmt: skip
-    stream = tokenizer.stream() if tokenizer is not None else None
+    stream = tokenizer.stream(prompt) if tokenizer is not None else None
     out = sys.stdout
     if stream is not None:
         out.write(args.prompt)

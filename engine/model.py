@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -642,7 +642,7 @@ class Model:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
+        eos_token_id: int | Iterable[int] | None = None,
     ) -> Iterator[int]:
         """Decoding: an iterator over the new tokens, each as it is chosen.
 
@@ -672,10 +672,12 @@ class Model:
             cache = self.make_cache(len(prompt) + max_new_tokens, cache_dtype)
         return self._decode(prompt, max_new_tokens, cache, sampler, eos)
 
-    def _eos_set(self, eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
+    def _eos_set(self, eos_token_id: int | Iterable[int] | None) -> frozenset[int]:
         if eos_token_id is None:
             return frozenset(self.eos_token_ids)
-        ids = [eos_token_id] if not isinstance(eos_token_id, Sequence) else list(eos_token_id)
+        ids = eos_token_id if isinstance(eos_token_id, Iterable) else [eos_token_id]
+        if isinstance(ids, str | bytes) or any(isinstance(i, bool) for i in ids):
+            raise TypeError(f"eos_token_id must be an int or ints, got {eos_token_id!r}")
         try:
             return frozenset(operator.index(i) for i in ids)
         except TypeError:
@@ -705,7 +707,7 @@ class Model:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
+        eos_token_id: int | Iterable[int] | None = None,
     ) -> list[int]:
         """Decoding (greedy by default); returns the new tokens only: ``max_new_tokens``
         of them, or fewer when an EOS token ends it (see ``generate_stream``)."""

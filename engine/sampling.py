@@ -10,6 +10,7 @@ Sampling happens on the host in float64: one ``(vocab,)`` copy per token.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -32,26 +33,36 @@ class SamplingParams:
     seed: int | None = None  # None: fresh entropy, not reproducible
 
     def __post_init__(self) -> None:
+        # NumPy scalars are welcome; bools are not numbers here
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        try:
-            top_k = operator.index(self.top_k)
-        except TypeError:
-            top_k = -1
-        if isinstance(self.top_k, bool) or top_k < 0:
+        if _index(self.top_k) is None or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1: off), got {p!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
-        ):
+        if self.seed is not None and (_index(self.seed) is None or self.seed < 0):
             raise ValueError(f"seed must be an int >= 0 or None, got {self.seed!r}")
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "top_k", operator.index(self.top_k))
+        object.__setattr__(self, "top_p", float(p))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", operator.index(self.seed))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _index(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (NumPy's too) and not a bool, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class Sampler:

@@ -27,6 +27,8 @@ class Tokenizer:
         file = Path(path)
         if file.is_dir():
             file = file / TOKENIZER_NAME
+        elif not file.exists() and not file.parent.is_dir():
+            raise CheckpointError(f"{file}: no such file or folder")
         if not file.is_file():
             raise CheckpointError(f"{file.parent}: no {file.name}")
         try:
@@ -48,9 +50,10 @@ class Tokenizer:
     def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def stream(self) -> TextStream:
-        """A decoder for tokens arriving one at a time."""
-        return TextStream(self)
+    def stream(self, context: list[int] = ()) -> TextStream:
+        """A decoder for tokens arriving one at a time, continuing after ``context``
+        (the prompt's ids: its last tokens give the first new one its leading space)."""
+        return TextStream(self, context)
 
 
 class TextStream:
@@ -62,11 +65,11 @@ class TextStream:
     decoder attaches to word starts come out right and the cost stays linear.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()) -> None:
         self._decode = tokenizer.decode
-        self._ids: list[int] = []
+        self._ids: list[int] = [int(t) for t in list(context)[-8:]]  # not emitted
         self._prefix = 0  # window start: context for the decoder
-        self._read = 0  # tokens before this are emitted
+        self._read = len(self._ids)  # tokens before this are emitted (or context)
 
     def push(self, token: int) -> str:
         self._ids.append(int(token))

@@ -358,3 +358,24 @@ def test_files_of_the_safetensors_library_load_the_same(tmp_path):
     model = load_model(theirs)
     expected = reference_logits(LLAMA_GQA, tensors, TOKENS, "F16")
     np.testing.assert_allclose(model.forward(TOKENS), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_loading_holds_one_copy_of_the_weights_plus_one_tensor(tmp_path):
+    """Tensor by tensor: the peak of host memory while loading (bfloat16, NumPy) is the
+    model's own float32 weights plus a few times the largest single tensor, never a
+    second copy of the model."""
+    import tracemalloc
+
+    cfg = LLAMA_GQA | {"num_hidden_layers": 6, "hidden_size": 128, "intermediate_size": 256}
+    cfg |= {"vocab_size": 512, "head_dim": 16}
+    folder = write_folder(tmp_path, cfg, tensors_for(cfg), dtype="BF16")
+    load_model(folder)  # first, so that imports made on the way are not counted
+    tracemalloc.start()
+    try:
+        model = load_model(folder)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    largest = max(4 * int(np.prod(w.shape)) for w in model.weights.values())
+    assert model.weight_nbytes > 8 * largest  # many tensors: a second copy would show
+    assert peak <= model.weight_nbytes + 3 * largest, (peak, model.weight_nbytes, largest)

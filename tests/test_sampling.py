@@ -3,6 +3,8 @@ fixed logits), seeded reproducibility on every backend, and EOS stopping."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -60,7 +62,7 @@ def frequencies(params: SamplingParams, logits, draws: int = DRAWS) -> np.ndarra
     ],
 )
 def test_bad_sampling_params_raise_value_error(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         SamplingParams(**kwargs)
 
 
@@ -208,6 +210,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     freq = frequencies(SamplingParams(temperature=1.0, top_p=0.85, seed=9), np.log(PROBS))
     assert freq[3] == 0 and freq[2] > 0
     np.testing.assert_allclose(freq[:3], PROBS[:3] / 0.95, atol=0.015)
+
+
+def test_top_p_stops_as_soon_as_the_mass_reaches_p_exactly():
+    # probabilities exact in binary: [0.5, 0.25, 0.25]; the top token alone reaches 0.5
+    logits = np.log(np.array([0.5, 0.25, 0.25]))
+    params = SamplingParams(temperature=1.0, top_p=0.5, seed=14)
+    assert frequencies(params, logits, 2000).tolist() == [1.0, 0.0, 0.0]
+    freq = frequencies(SamplingParams(temperature=1.0, top_p=0.5000001, seed=14), logits)
+    # just past 0.5: one of the two tied 0.25 tokens joins (which one is a tie-break)
+    assert min(freq[1], freq[2]) == 0
+    np.testing.assert_allclose([freq[0], freq[1] + freq[2]], [2 / 3, 1 / 3], atol=0.015)
 
 
 def test_top_p_sorts_by_probability_not_by_index():

@@ -169,3 +169,15 @@ def test_the_scheduler_pool_matches_the_model(xp, device):
     scheduler = Scheduler(Model(CONFIG, xp=xp, device=device), num_blocks=5, block_size=8)
     assert isinstance(scheduler.cache, PagedKVCache)
     assert scheduler.cache.max_seq_len == CONFIG.max_seq_len and scheduler.cache.xp is xp
+
+
+def test_llama_gqa_batches_equal_solo_generation(xp, device):
+    """Rotary positions differ row by row in a batch; GQA caches are kv-heads wide."""
+    llama = ModelConfig(
+        300, 32, 2, 8, 256, d_ff=48, arch="llama", n_kv_heads=2, head_dim=8, qkv_bias=True
+    )
+    model = Model(llama, seed=3, xp=xp, device=device)
+    prompts, max_new = workload(5, 8)
+    solo = [model.generate(p, n) for p, n in zip(prompts, max_new, strict=True)]
+    batched = generate_batch(model, prompts, max_new, num_blocks=24, block_size=4)
+    assert batched == solo
