@@ -86,11 +86,12 @@ def layout(config: ModelConfig, repeats: int) -> dict[str, float]:
 
 def ours_decode(model: Model, prompt: list[int], steps: int) -> tuple[float, list[int]]:
     cache = model.make_cache(len(prompt) + steps)
-    token = int(np.argmax(np.asarray(model.prefill(prompt, cache))))
+    argmax = model.xp.argmax
+    token = int(argmax(model.prefill(prompt, cache)))
     tokens = []
     start = time.perf_counter()
     for _ in range(steps):
-        token = int(np.argmax(np.asarray(model.decode_step(token, cache))))
+        token = int(argmax(model.decode_step(token, cache)))
         tokens.append(token)
     return steps / (time.perf_counter() - start), tokens
 
@@ -162,9 +163,10 @@ def main() -> None:
             hf = transformers.GPT2LMHeadModel(hf_config).eval()
             hf.save_pretrained(tmp)
             model = load_model(tmp)
+            on_torch = load_model(tmp, xp=torch)
             source = f"Transformers {transformers.__version__} GPT2LMHeadModel, saved and loaded"
         else:
-            hf = None
+            hf = on_torch = None
             model = Model(config, seed=0)
             source = "seeded weights (Transformers not installed: no comparison)"
         weight_bytes = model.weight_nbytes - 4 * config.max_seq_len * config.d_model  # wpe: 1 row
@@ -174,7 +176,8 @@ def main() -> None:
             f"{torch.get_num_threads() if torch else '-'}.\n\n"
             "| context | KV read/token (MiB) | bandwidth limit (tok/s) | engine NumPy (tok/s) "
             "| fraction of limit | Transformers torch (tok/s) | engine / Transformers "
-            "| same tokens |\n|---:|---:|---:|---:|---:|---:|---:|---|"
+            "| same tokens | engine on torch (tok/s) |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|---|---:|"
         )
         rng = np.random.default_rng(0)
         for context in contexts:
@@ -188,8 +191,11 @@ def main() -> None:
                 hf_rate = max(r for r, _ in theirs)
                 same = "yes" if theirs[0][1] == ours[0][1] else "no"
                 hf_cells = f"{hf_rate:.1f} | {rate / hf_rate:.2f}x | {same}"
+                with torch.inference_mode():
+                    torch_rate = max(ours_decode(on_torch, prompt, steps)[0] for _ in range(runs))
+                hf_cells += f" | {torch_rate:.1f}"
             else:
-                hf_cells = "- | - | -"
+                hf_cells = "- | - | - | -"
             print(
                 f"| {context} | {kv_bytes / 2**20:.1f} | {limit:.1f} | {rate:.1f} "
                 f"| {rate / limit:.0%} | {hf_cells} |"
