@@ -282,6 +282,12 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"the prompt's {len(prompt)} tokens fill the model's context {c.max_seq_len}"
         )
+    if new < args.max_new_tokens:
+        print(
+            f"--max-new-tokens {args.max_new_tokens} clipped to {new}: the model's context "
+            f"is {c.max_seq_len} positions",
+            file=sys.stderr,
+        )
     cache = _generation_cache(model, args.cache, args.cache_dtype, len(prompt) + new)
     print(
         f"{model.path}: {c.arch}, {c.n_layers} layers x {c.d_model}, {c.n_heads} heads "
