@@ -409,41 +409,41 @@ class Model:
     ) -> Any:
         """Attention straight from int8 rows, the scales folded in (no dequantized copy).
 
-        Used when every head has its own key/value head (no grouping). q: (T, d)
-        float32; q_keys, q_values: (S, d) int8; key_scales, value_scales: (S, G)
-        float32, one per group of g = d / G elements, G a multiple of H. Per group,
-        q . k = scale_k * (q . q_k), and sum_s p_s v_s = sum_s (p_s scale_v) q_v.
+        q: (T, n_heads * head_dim) float32; q_keys, q_values: (S, n_kv_heads * head_dim)
+        int8; key_scales, value_scales: (S, G) float32, one per group of g = head_dim /
+        (G / n_kv_heads) elements (a group never straddles two heads). Per group,
+        q . k = scale_k * (q . q_k), and sum_s p_s v_s = sum_s (p_s scale_v) q_v. Query
+        heads are grouped on their key/value head as in ``_attention``.
         """
-        xp, n_heads = self.xp, self.config.n_heads
-        t, s, width = q.shape[0], q_keys.shape[0], q.shape[1]
+        xp, c, rep = self.xp, self.config, self._rep
+        n_kv, hd = c.n_kv_heads, c.head_dim
+        t, s = q.shape[0], q_keys.shape[0]
         n_groups = key_scales.shape[1]
-        g, per_head = width // n_groups, n_groups // n_heads
-        qg = xp.permute_dims(xp.reshape(q, (t, n_groups, g)), (1, 0, 2))  # (G, T, g)
+        per_head = n_groups // n_kv
+        g = hd // per_head
+        qg = xp.reshape(q, (t, n_kv, rep, per_head, g))
+        qg = xp.reshape(xp.permute_dims(qg, (1, 3, 2, 0, 4)), (n_groups, rep * t, g))
         kg = xp.reshape(xp.astype(q_keys, self.float32), (s, n_groups, g))
         kg = xp.permute_dims(kg, (1, 2, 0))  # (G, g, S)
         k_scale = xp.reshape(xp.permute_dims(key_scales, (1, 0)), (n_groups, 1, s))
-        partial = xp.matmul(qg, kg) * k_scale  # (G, T, S): each group's share of q . k
-        scores = xp.sum(xp.reshape(partial, (n_heads, per_head, t, s)), axis=1)  # (H, T, S)
-        probs = self._causal_softmax(scores * self._scale, start)  # (H, T, S)
-        v_scale = xp.reshape(xp.permute_dims(value_scales, (1, 0)), (n_heads, per_head, 1, s))
-        pg = xp.reshape(xp.reshape(probs, (n_heads, 1, t, s)) * v_scale, (n_groups, t, s))
+        partial = xp.matmul(qg, kg) * k_scale  # (G, rep*T, S): each group's share of q . k
+        scores = xp.sum(xp.reshape(partial, (n_kv, per_head, rep * t, s)), axis=1)
+        probs = self._causal_softmax(xp.reshape(scores, (n_kv, rep, t, s)) * self._scale, start)
+        v_scale = xp.reshape(xp.permute_dims(value_scales, (1, 0)), (n_kv, per_head, 1, s))
+        pg = xp.reshape(xp.reshape(probs, (n_kv, 1, rep * t, s)) * v_scale, (n_groups, rep * t, s))
         vg = xp.reshape(xp.astype(q_values, self.float32), (s, n_groups, g))
-        out = xp.matmul(pg, xp.permute_dims(vg, (1, 0, 2)))  # (G, T, g)
-        return xp.reshape(xp.permute_dims(out, (1, 0, 2)), (t, width))  # (T, d)
+        out = xp.matmul(pg, xp.permute_dims(vg, (1, 0, 2)))  # (G, rep*T, g)
+        out = xp.permute_dims(xp.reshape(out, (n_kv, per_head, rep, t, g)), (3, 0, 2, 1, 4))
+        return xp.reshape(out, (t, c.q_dim))  # (T, n_heads * head_dim)
 
     def _read_cache(self, cache: Cache, layer_idx: int, q: Any, k: Any, v: Any, start: int) -> Any:
         """Append k, v to one sequence's cache and attend q over what it holds.
 
         An int8 cache whose scale groups fit in a head is read through
-        ``append_quantized`` by the scale-folding attention (when heads are not
-        grouped); any other cache through ``append`` and the views (or copies) it
-        returns.
+        ``append_quantized`` by the scale-folding attention; any other cache through
+        ``append`` and the views (or copies) it returns.
         """
-        if (
-            self._rep == 1
-            and hasattr(cache, "append_quantized")
-            and self.config.head_dim % cache.group_size == 0
-        ):
+        if hasattr(cache, "append_quantized") and self.config.head_dim % cache.group_size == 0:
             return self._attention_int8(q, *cache.append_quantized(layer_idx, k, v), start)
         return self._attention(q, *cache.append(layer_idx, k, v), start)
 

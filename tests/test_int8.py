@@ -179,9 +179,19 @@ def test_model_builds_an_int8_cache_with_one_scale_per_token_per_head(xp, device
     assert isinstance(cache, Int8KVCache) and cache.group_size == CONFIG.head_dim
 
 
-def test_scale_folding_attention_equals_dequantized_attention(xp, device):
-    model = Model(CONFIG, seed=1, xp=xp, device=device)
-    folded, copies = model.make_cache(40, "int8"), model.make_cache(40, "int8")
+# grouped-query attention: 8 query heads on 2 key/value heads, head_dim 16
+GQA = ModelConfig(256, 64, 2, 8, 200, arch="llama", n_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("group", [None, 8], ids=["group=head_dim", "group=head_dim/2"])
+@pytest.mark.parametrize("config", [CONFIG, GQA], ids=["mha", "gqa"])
+def test_scale_folding_attention_equals_dequantized_attention(xp, device, config, group):
+    model = Model(config, seed=1, xp=xp, device=device)
+    make = lambda: Int8KVCache(  # noqa: E731
+        config.n_layers, config.kv_dim, 40, xp=xp, device=device,
+        group_size=group or config.head_dim,
+    )  # fmt: skip
+    folded, copies = make(), make()
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     a = host(model.prefill(prompt, folded))
     b = host(model.prefill(prompt, _DequantizingReader(copies)))
