@@ -80,7 +80,24 @@ QWEN2 = LLAMA_GQA | {
     "sliding_window": 4096,
     "tie_word_embeddings": True,
 }
-CONFIGS = {"gpt2": GPT2, "llama-gqa": LLAMA_GQA, "llama3": LLAMA3, "qwen2": QWEN2}
+# the same scaling as Transformers 4.x wrote it: top-level rope_theta, rope_scaling
+LLAMA3_V4_KEYS = LLAMA_GQA | {
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+CONFIGS = {
+    "gpt2": GPT2,
+    "llama-gqa": LLAMA_GQA,
+    "llama3": LLAMA3,
+    "llama3-v4-keys": LLAMA3_V4_KEYS,
+    "qwen2": QWEN2,
+}
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
