@@ -12,9 +12,13 @@ memory bandwidth divided by that; the fraction achieved is what is reported.
 (b) Weight layout: one pass over GPT-2 small's 48 matrices plus the head with
     x (1, in) @ W, W stored (in, out), against x @ W.T with W stored (out, in) (the
     model's layout).
-(c) Decode tokens/s at context 128 and 1024: engine's Model (NumPy, KVCache), and
-    Transformers' GPT2LMHeadModel with its own KV cache (torch, float32), the same
-    random checkpoint (written once by save_pretrained, loaded by both).
+(c) Decode tokens/s at context 128 and 1024: engine's Model (NumPy, KVCache),
+    Transformers' GPT2LMHeadModel with its own KV cache (torch, float32), and
+    llama.cpp (through llama-cpp-python; float32 GGUF written here from the same
+    tensors, float32 KV cache), the same random checkpoint (written once by
+    save_pretrained). Each comparison runs where its package is installed:
+    ``pip install -e '.[hf]' torch==2.13.0`` and ``pip install llama-cpp-python gguf``
+    (which builds llama.cpp from source: about four minutes here).
 
     python benchmarks/bench_decode.py          # about two minutes here
     python benchmarks/bench_decode.py --quick  # smaller and shorter (smoke test)
@@ -28,6 +32,7 @@ import platform
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -109,6 +114,74 @@ def hf_decode(hf, torch, prompt: list[int], steps: int) -> tuple[float, list[int
         return steps / (time.perf_counter() - start), tokens
 
 
+def write_gpt2_gguf(folder: str, path: str, config: ModelConfig) -> None:
+    """The folder's GPT-2 tensors as a float32 GGUF file for llama.cpp (its ``gpt2``
+    architecture; Conv1D weights transposed to (out, in), as its converter does). The
+    vocabulary is placeholder text: only token ids pass between the two."""
+    import gguf
+
+    from engine.checkpoint import SafetensorsFile
+
+    st = SafetensorsFile(Path(folder) / "model.safetensors")
+    t = {k.removeprefix("transformer."): k for k in st.tensors}
+    c = config
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.d_model)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_block_count(c.n_layers)
+    w.add_head_count(c.n_heads)
+    w.add_layer_norm_eps(c.layer_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)])
+    w.add_token_types([gguf.TokenType.NORMAL] * c.vocab_size)
+    w.add_token_merges(["<t0> <t1>"])
+    w.add_eos_token_id(c.vocab_size - 1)
+
+    def add(name: str, key: str, transpose: bool = False) -> None:
+        value = st.read(t[key])
+        w.add_tensor(name, np.ascontiguousarray(value.T) if transpose else value)
+
+    add("token_embd.weight", "wte.weight")
+    add("position_embd.weight", "wpe.weight")
+    for i in range(c.n_layers):
+        h, b = f"h.{i}.", f"blk.{i}."
+        for ours, theirs, matrix in [
+            ("attn_norm", "ln_1", False),
+            ("attn_qkv", "attn.c_attn", True),
+            ("attn_output", "attn.c_proj", True),
+            ("ffn_norm", "ln_2", False),
+            ("ffn_up", "mlp.c_fc", True),
+            ("ffn_down", "mlp.c_proj", True),
+        ]:
+            add(b + ours + ".weight", h + theirs + ".weight", matrix)
+            add(b + ours + ".bias", h + theirs + ".bias")
+    add("output_norm.weight", "ln_f.weight")
+    add("output_norm.bias", "ln_f.bias")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_cpp_decode(llm, prompt: list[int], steps: int, vocab: int) -> tuple[float, list[int]]:
+    def last_logits():
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
+    llm.reset()
+    llm.eval(prompt)
+    token = int(np.argmax(last_logits()))
+    tokens = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        llm.eval([token])
+        token = int(np.argmax(last_logits()))
+        tokens.append(token)
+    return steps / (time.perf_counter() - start), tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 4-layer model, few steps")
@@ -150,7 +223,12 @@ def main() -> None:
         import transformers
     except ImportError:
         torch = transformers = None
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
     with tempfile.TemporaryDirectory() as tmp:
+        hf = on_torch = llm = None
         if transformers is not None:
             transformers.logging.set_verbosity_error()
             transformers.utils.logging.disable_progress_bar()
@@ -165,19 +243,27 @@ def main() -> None:
             model = load_model(tmp)
             on_torch = load_model(tmp, xp=torch)
             source = f"Transformers {transformers.__version__} GPT2LMHeadModel, saved and loaded"
+            if llama_cpp is not None:
+                gguf_path = str(Path(tmp) / "gpt2-f32.gguf")
+                write_gpt2_gguf(tmp, gguf_path, config)
+                llm = llama_cpp.Llama(
+                    model_path=gguf_path, n_ctx=config.max_seq_len, n_batch=512,
+                    n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(),
+                    type_k=0, type_v=0, verbose=False,  # 0: GGML_TYPE_F32, as ours
+                )  # fmt: skip
+                source += f"; llama.cpp via llama-cpp-python {llama_cpp.__version__}, F32 GGUF"
         else:
-            hf = on_torch = None
             model = Model(config, seed=0)
             source = "seeded weights (Transformers not installed: no comparison)"
         weight_bytes = model.weight_nbytes - 4 * config.max_seq_len * config.d_model  # wpe: 1 row
         print(
             f"\n## (c) Decode tokens/s ({source}; {steps} steps timed, best of {runs})\n\n"
-            f"Weights read per token: {weight_bytes / 2**20:.1f} MiB. torch threads: "
-            f"{torch.get_num_threads() if torch else '-'}.\n\n"
+            f"Weights read per token: {weight_bytes / 2**20:.1f} MiB. Threads: "
+            f"{os.cpu_count()} (torch: {torch.get_num_threads() if torch else '-'}).\n\n"
             "| context | KV read/token (MiB) | bandwidth limit (tok/s) | engine NumPy (tok/s) "
-            "| fraction of limit | Transformers torch (tok/s) | engine / Transformers "
-            "| same tokens | engine on torch (tok/s) |\n"
-            "|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+            "| fraction of limit | engine on torch (tok/s) | Transformers torch (tok/s) "
+            "| engine / Transformers | llama.cpp (tok/s) | engine / llama.cpp "
+            "| same tokens |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
         )
         rng = np.random.default_rng(0)
         for context in contexts:
@@ -186,19 +272,27 @@ def main() -> None:
             limit = limit_bw / (weight_bytes + kv_bytes)
             ours = [ours_decode(model, prompt, steps) for _ in range(runs)]
             rate = max(r for r, _ in ours)
+            cells = [f"{rate:.1f}", f"{rate / limit:.0%}"]
+            same = []
             if hf is not None:
-                theirs = [hf_decode(hf, torch, prompt, steps) for _ in range(runs)]
-                hf_rate = max(r for r, _ in theirs)
-                same = "yes" if theirs[0][1] == ours[0][1] else "no"
-                hf_cells = f"{hf_rate:.1f} | {rate / hf_rate:.2f}x | {same}"
                 with torch.inference_mode():
                     torch_rate = max(ours_decode(on_torch, prompt, steps)[0] for _ in range(runs))
-                hf_cells += f" | {torch_rate:.1f}"
+                theirs = [hf_decode(hf, torch, prompt, steps) for _ in range(runs)]
+                hf_rate = max(r for r, _ in theirs)
+                cells += [f"{torch_rate:.1f}", f"{hf_rate:.1f}", f"{rate / hf_rate:.2f}x"]
+                same.append(f"Transformers {'yes' if theirs[0][1] == ours[0][1] else 'no'}")
             else:
-                hf_cells = "- | - | - | -"
+                cells += ["-", "-", "-"]
+            if llm is not None:
+                lc = [llama_cpp_decode(llm, prompt, steps, config.vocab_size) for _ in range(runs)]
+                lc_rate = max(r for r, _ in lc)
+                cells += [f"{lc_rate:.1f}", f"{rate / lc_rate:.2f}x"]
+                same.append(f"llama.cpp {'yes' if lc[0][1] == ours[0][1] else 'no'}")
+            else:
+                cells += ["-", "-"]
+            cells.append(", ".join(same) or "-")
             print(
-                f"| {context} | {kv_bytes / 2**20:.1f} | {limit:.1f} | {rate:.1f} "
-                f"| {rate / limit:.0%} | {hf_cells} |"
+                f"| {context} | {kv_bytes / 2**20:.1f} | {limit:.1f} | " + " | ".join(cells) + " |"
             )
 
 
