@@ -198,7 +198,7 @@ def _init_weights(config: ModelConfig, seed: int) -> dict[str, np.ndarray]:
         if name.endswith(".g"):
             weights[name] = np.ones(shape, np.float32)
             continue
-        if name.endswith((".b", "ln_f.b")):
+        if name.endswith(".b"):  # norm biases (ln_1.b, ln_2.b, ln_f.b)
             weights[name] = np.zeros(shape, np.float32)
             continue
         if name in ("wte", "wpe"):
