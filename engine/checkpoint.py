@@ -298,12 +298,17 @@ def _rope(config: dict[str, Any], where: str) -> tuple[float, RopeScaling | None
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The ``ModelConfig`` of a Hugging Face folder's ``config.json``; raises
     ``CheckpointError`` for a missing config or an unsupported architecture."""
-    folder = Path(path)
+    return _model_config(Path(path), _read_config(Path(path)))
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
-    file = folder / CONFIG_NAME
-    cfg = _read_json(file, "the model's config")
-    where = str(file)
+    return _read_json(folder / CONFIG_NAME, "the model's config")
+
+
+def _model_config(folder: Path, cfg: dict[str, Any]) -> ModelConfig:
+    where = str(folder / CONFIG_NAME)
     model_type = cfg.get("model_type")
     name = folder.name or str(folder)
     if model_type == "gpt2":
@@ -522,9 +527,11 @@ def _build(plan: _Plan, tensors: dict[str, TensorInfo]) -> Iterator[tuple[str, n
             yield internal, out
 
 
-def _eos_ids(folder: Path, cfg_path: Path, vocab_size: int) -> tuple[tuple[int, ...], int | None]:
+def _eos_ids(
+    folder: Path, cfg: dict[str, Any], vocab_size: int
+) -> tuple[tuple[int, ...], int | None]:
     """EOS ids (generation_config.json first, as Transformers does) and the BOS id."""
-    sources = [_read_json(cfg_path, "the model's config")]
+    sources = [cfg]
     gen = folder / GENERATION_CONFIG_NAME
     if gen.is_file():
         sources.insert(0, _read_json(gen, "generation config"))
@@ -553,7 +560,8 @@ def load_model(path: str | os.PathLike, *, xp: Any = None, device: Any = None) -
     anything wrong with the folder, before reading any weights where it can.
     """
     folder = Path(path)
-    config = load_config(folder)
+    cfg = _read_config(folder)
+    config = _model_config(folder, cfg)
     xp = get_namespace(xp)
     tensors = _tensor_index(folder)
     if config.arch == "gpt2":
@@ -562,7 +570,7 @@ def load_model(path: str | os.PathLike, *, xp: Any = None, device: Any = None) -
     else:
         plan, shapes = _llama_plan(config)
     _check_tensors(tensors, shapes, config.arch, folder)
-    eos_ids, bos_id = _eos_ids(folder, folder / CONFIG_NAME, config.vocab_size)
+    eos_ids, bos_id = _eos_ids(folder, cfg, config.vocab_size)
     weights = {name: xp.asarray(host, device=device) for name, host in _build(plan, tensors)}
     model = Model(config, xp=xp, device=device, weights=weights)
     model.eos_token_ids = eos_ids

@@ -664,7 +664,7 @@ class Model:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed), self.xp)
-        eos = self._eos_set(eos_token_id)
+        eos = self.stop_tokens(eos_token_id)
         start = 0 if cache is None else cache.get_seq_length(0)
         # the last new token is returned, never fed back: it needs no position
         self._check_room(start, len(prompt) + max(max_new_tokens - 1, 0))
@@ -672,7 +672,9 @@ class Model:
             cache = self.make_cache(len(prompt) + max_new_tokens, cache_dtype)
         return self._decode(prompt, max_new_tokens, cache, sampler, eos)
 
-    def _eos_set(self, eos_token_id: int | Iterable[int] | None) -> frozenset[int]:
+    def stop_tokens(self, eos_token_id: int | Iterable[int] | None = None) -> frozenset[int]:
+        """The ids that end a generation: ``eos_token_id`` (an int or ints) checked,
+        or the model's ``eos_token_ids`` for ``None``; ``()`` for none."""
         if eos_token_id is None:
             return frozenset(self.eos_token_ids)
         ids = eos_token_id if isinstance(eos_token_id, Iterable) else [eos_token_id]

@@ -9,7 +9,7 @@ is kept because it is obviously correct, and tests and benchmarks compare
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -73,17 +73,14 @@ def greedy_recompute(
     prompt: Sequence[int],
     max_new_tokens: int,
     *,
-    eos_token_id: int | Sequence[int] | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
 ) -> list[int]:
     """Greedy decoding with no cache at all: every step reruns ``model.forward`` on
     the whole sequence and takes the argmax of the last row. O(n^2) compute; the
     oracle that generation through any cache must reproduce token for token.
     Stops after an EOS token as ``Model.generate`` does (``None``: the model's
     ``eos_token_ids``; ``()``: never)."""
-    if eos_token_id is None:
-        eos = set(getattr(model, "eos_token_ids", ()))
-    else:
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    eos = model.stop_tokens(eos_token_id)
     tokens = list(prompt)
     for _ in range(max_new_tokens):
         logits = model.forward(tokens)  # (T, vocab)
